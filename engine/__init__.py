@@ -1,0 +1,1 @@
+"""Optimisation loops, detection/alignment pipeline, image and video I/O, keys and CLI."""

@@ -1,0 +1,166 @@
+"""Landmark alignment: least-squares similarity/affine transforms and differentiable warps.
+
+Conventions: images float32 NHWC (or HWC for the unbatched functions), landmarks (x, y) in
+pixels with pixel centres at integer coordinates (dlib's and OpenCV's convention). A transform
+is a (2, 3) matrix M acting on homogeneous points: p_out = M @ [x, y, 1].
+
+`warp(image, M, size)` samples `image` at M @ [u, v, 1] for every output pixel (u, v), so M maps
+*output* (chip) coordinates to *input* (frame) coordinates. Sampling is bilinear and
+differentiable with respect to the image's pixels (and to M); points outside the image read
+`fill`. All functions are pure and jit-able; batch them with `jax.vmap`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+
+def estimate_similarity(src: ArrayLike, dst: ArrayLike) -> jax.Array:
+    """Returns the (2, 3) similarity (rotation, uniform scale, translation) taking src to dst.
+
+    Least squares over the point pairs, as dlib's find_similarity_transform (Umeyama) without
+    reflection: with a = s cos t, b = s sin t the model x' = a x - b y + tx, y' = b x + a y + ty
+    is linear in (a, b, tx, ty), and minimising over it equals minimising over (s, t, tx, ty).
+
+    Args:
+      src: [K, 2] points (K >= 2).
+      dst: [K, 2] points.
+    """
+    src = jnp.asarray(src, jnp.float32)
+    dst = jnp.asarray(dst, jnp.float32)
+    x, y = src[:, 0], src[:, 1]
+    one, zero = jnp.ones_like(x), jnp.zeros_like(x)
+    rows_x = jnp.stack([x, -y, one, zero], axis=1)
+    rows_y = jnp.stack([y, x, zero, one], axis=1)
+    a_mat = jnp.concatenate([rows_x, rows_y], axis=0)
+    rhs = jnp.concatenate([dst[:, 0], dst[:, 1]])
+    a, b, tx, ty = _lstsq(a_mat, rhs)
+    return jnp.array([[a, -b, tx], [b, a, ty]])
+
+
+def estimate_affine(src: ArrayLike, dst: ArrayLike) -> jax.Array:
+    """Returns the (2, 3) affine transform taking src to dst in the least-squares sense.
+
+    Args:
+      src: [K, 2] points (K >= 3, not collinear).
+      dst: [K, 2] points.
+    """
+    src = jnp.asarray(src, jnp.float32)
+    dst = jnp.asarray(dst, jnp.float32)
+    homo = jnp.concatenate([src, jnp.ones_like(src[:, :1])], axis=1)  # [K, 3]
+    cols = jax.vmap(lambda d: _lstsq(homo, d), in_axes=1)(dst)  # [2, 3]
+    return cols
+
+
+def _lstsq(a_mat: jax.Array, rhs: jax.Array) -> jax.Array:
+    # Columns are scaled to unit norm first: raw pixel coordinates (~1e3) beside unit columns
+    # make the system badly conditioned in float32; the SVD-based pinv of a K x 4 matrix is cheap.
+    scale = jnp.maximum(jnp.linalg.norm(a_mat, axis=0), 1e-12)
+    sol = jnp.linalg.pinv(a_mat / scale) @ rhs
+    return sol / scale
+
+
+def apply_transform(m: ArrayLike, points: ArrayLike) -> jax.Array:
+    """Returns points [..., 2] mapped by the (2, 3) transform m."""
+    m = jnp.asarray(m)
+    points = jnp.asarray(points)
+    return points @ m[:, :2].T + m[:, 2]
+
+
+def invert(m: ArrayLike) -> jax.Array:
+    """Returns the inverse of a (2, 3) affine transform."""
+    m = jnp.asarray(m)
+    lin_inv = jnp.linalg.inv(m[:, :2])
+    return jnp.concatenate([lin_inv, -(lin_inv @ m[:, 2])[:, None]], axis=1)
+
+
+def compose(m_outer: ArrayLike, m_inner: ArrayLike) -> jax.Array:
+    """Returns the (2, 3) transform p -> m_outer(m_inner(p))."""
+    m_outer, m_inner = jnp.asarray(m_outer), jnp.asarray(m_inner)
+    lin = m_outer[:, :2] @ m_inner[:, :2]
+    return jnp.concatenate([lin, (m_outer[:, :2] @ m_inner[:, 2] + m_outer[:, 2])[:, None]], 1)
+
+
+def sample_bilinear(image: jax.Array, xs: jax.Array, ys: jax.Array, fill: float = 0.0):
+    """Returns image [H, W, C] sampled at float positions (xs, ys) of any shape -> [..., C].
+
+    Each of the four neighbours outside the image contributes `fill`, so a point half a pixel
+    past the border blends towards `fill` the way zero padding does.
+    """
+    h, w = image.shape[0], image.shape[1]
+    x0 = jnp.floor(xs)
+    y0 = jnp.floor(ys)
+    fx = (xs - x0)[..., None]
+    fy = (ys - y0)[..., None]
+    x0 = x0.astype(jnp.int32)
+    y0 = y0.astype(jnp.int32)
+
+    def tap(yi, xi):
+        inside = (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
+        v = image[jnp.clip(yi, 0, h - 1), jnp.clip(xi, 0, w - 1)]
+        return jnp.where(inside[..., None], v, jnp.asarray(fill, image.dtype))
+
+    top = tap(y0, x0) * (1 - fx) + tap(y0, x0 + 1) * fx
+    bottom = tap(y0 + 1, x0) * (1 - fx) + tap(y0 + 1, x0 + 1) * fx
+    return top * (1 - fy) + bottom * fy
+
+
+def warp(image: ArrayLike, m: ArrayLike, size: tuple[int, int], fill: float = 0.0) -> jax.Array:
+    """Returns the [size_h, size_w, C] image whose pixel (u, v) is `image` at m @ [u, v, 1].
+
+    Args:
+      image: [H, W, C] float image.
+      m: (2, 3) transform from output pixel coordinates to input pixel coordinates.
+      size: (height, width) of the output.
+      fill: value read outside the input image.
+    """
+    image = jnp.asarray(image)
+    m = jnp.asarray(m, jnp.float32)
+    out_h, out_w = size
+    v, u = jnp.meshgrid(jnp.arange(out_h, dtype=jnp.float32),
+                        jnp.arange(out_w, dtype=jnp.float32), indexing="ij")
+    xs = m[0, 0] * u + m[0, 1] * v + m[0, 2]
+    ys = m[1, 0] * u + m[1, 1] * v + m[1, 2]
+    return sample_bilinear(image, xs, ys, fill)
+
+
+def chip_transform(landmarks: ArrayLike, template: ArrayLike) -> jax.Array:
+    """Returns the (2, 3) similarity from chip pixels to frame pixels for one face.
+
+    Args:
+      landmarks: [5, 2] detected landmarks in the frame.
+      template: [5, 2] where those landmarks should land in the chip.
+    """
+    return estimate_similarity(template, landmarks)
+
+
+def extract_chip(frame: ArrayLike, landmarks: ArrayLike, template: ArrayLike, size: int):
+    """Returns the aligned [size, size, C] chip of the face with these landmarks."""
+    return warp(frame, chip_transform(landmarks, template), (size, size))
+
+
+def paste(frame: ArrayLike, chip: ArrayLike, m_chip_to_frame: ArrayLike) -> jax.Array:
+    """Returns `frame` with the chip's content written back where the chip was taken from.
+
+    Each frame pixel inside the chip's footprint is replaced by the chip sampled at the
+    inverse transform; the footprint's border blends with the frame (the warped coverage of an
+    all-ones chip is the blending weight), so pasting a chip taken from the same frame returns
+    the frame up to interpolation.
+    """
+    frame = jnp.asarray(frame)
+    chip = jnp.asarray(chip)
+    m_inv = invert(m_chip_to_frame)
+    h, w = frame.shape[:2]
+    back = warp(chip, m_inv, (h, w))
+    cover = warp(jnp.ones(chip.shape[:2] + (1,), frame.dtype), m_inv, (h, w))
+    cover = jnp.clip(cover, 0.0, 1.0)
+    return frame * (1 - cover) + back * cover
+
+
+def paste_delta(frame: ArrayLike, chip_delta: ArrayLike, m_chip_to_frame: ArrayLike):
+    """Returns `frame` plus a chip-space perturbation warped back into frame space."""
+    m_inv = invert(m_chip_to_frame)
+    frame = jnp.asarray(frame)
+    return frame + warp(jnp.asarray(chip_delta), m_inv, frame.shape[:2])

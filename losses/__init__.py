@@ -1,0 +1,1 @@
+"""Pure, jit-able loss and metric functions (no state, no I/O)."""

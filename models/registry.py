@@ -1,0 +1,66 @@
+"""One interface for every face recogniser: chip size, alignment template, pure apply.
+
+A recogniser is used as `rec.apply(params, chips)` where `chips` are aligned face chips,
+float32 in [0, 1], NHWC, of size `rec.chip_size`; it returns `(embedding, features)` with
+`features` a dict of named intermediate activations in network order. `rec.preprocess` is
+already inside `apply` (callers never normalise by hand). Everything is pure and jit-able and
+differentiable with respect to `chips`.
+
+Alignment: `rec.template` holds where the 5 landmarks (left eye, right eye, nose, left mouth
+corner, right mouth corner; image-left first) land in chip pixels; the engine estimates the
+similarity transform frame -> chip from detected landmarks to this template.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Recogniser:
+    """A face recogniser behind the common interface (see the module docstring)."""
+
+    name: str
+    chip_size: int
+    template: np.ndarray  # (5, 2) float, (x, y) in chip pixels
+    apply: Callable  # (params, chips [N,S,S,3] in [0,1]) -> (emb [N,D], {name: [N,...]})
+    embed_dim: int
+    threshold: float  # same-person decision: distance(a, b) < threshold
+    metric: str  # "euclidean" (on the raw embedding)
+    layers: tuple[str, ...]  # names of the intermediate features, shallow to deep
+    load_params: Callable[[], dict]  # from the weight store
+
+    def embed(self, params, chips):
+        """Returns the embeddings [N, D] of aligned chips [N, S, S, 3] in [0, 1]."""
+        return self.apply(params, chips)[0]
+
+
+_RECOGNISERS: dict[str, Callable[[], Recogniser]] = {}
+
+
+def register(name: str, factory: Callable[[], Recogniser]) -> None:
+    """Adds a recogniser factory under `name`."""
+    _RECOGNISERS[name] = factory
+
+
+def get(name: str) -> Recogniser:
+    """Returns the recogniser registered as `name` ("dlib" or "facenet")."""
+    import importlib
+
+    for mod in ("dlib_resnet", "facenet"):
+        try:
+            importlib.import_module(f"faceveil.models.{mod}")
+        except ModuleNotFoundError as e:
+            if e.name != f"faceveil.models.{mod}":
+                raise
+    if name not in _RECOGNISERS:
+        raise KeyError(f"unknown recogniser '{name}'; known: {sorted(_RECOGNISERS)}")
+    return _RECOGNISERS[name]()
+
+
+def names() -> list[str]:
+    """Returns the names of the registered recognisers."""
+    return sorted(_RECOGNISERS)
