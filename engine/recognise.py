@@ -1,0 +1,73 @@
+"""Face embeddings of whole photos: detect, align to the recogniser's template, embed."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from faceveil.engine import align, image_io
+
+
+class NoFaceError(image_io.InputError):
+    """No face was found where one was needed."""
+
+
+@functools.lru_cache(maxsize=None)
+def _embed_fn(name: str):
+    from faceveil.models import registry
+
+    rec = registry.get(name)
+    template = jnp.asarray(rec.template, jnp.float32)
+
+    @jax.jit
+    def embed(params, frame, landmarks):
+        chips = jax.vmap(lambda lm: align.extract_chip(frame, lm, template, rec.chip_size))(
+            landmarks)
+        return rec.apply(params, chips)[0], chips
+
+    return rec, embed
+
+
+@functools.lru_cache(maxsize=None)
+def recogniser_params(name: str):
+    """Returns the recogniser `name` and its params (loaded once per process)."""
+    from faceveil.models import registry
+
+    rec = registry.get(name)
+    return rec, jax.device_put(rec.load_params())
+
+
+def embed_faces(image: np.ndarray, landmarks: np.ndarray, model: str = "dlib"):
+    """Returns (embeddings [K, D], chips [K, S, S, 3]) of faces with these landmarks [K, 5, 2].
+
+    Args:
+      image: uint8 [H, W, 3] RGB photo.
+      landmarks: [K, 5, 2] landmarks in the photo (MTCNN order).
+      model: recogniser name.
+    """
+    rec, params = recogniser_params(model)
+    _, embed = _embed_fn(model)
+    frame = image_io.to_float(image)
+    emb, chips = embed(params, jnp.asarray(frame), jnp.asarray(landmarks, jnp.float32))
+    return np.asarray(emb), np.asarray(chips)
+
+
+def largest_face(image: np.ndarray, *, min_score: float = 0.9, source: str = "image"):
+    """Returns (box [4], landmarks [5, 2], score) of the largest detected face of a photo.
+
+    Raises:
+      NoFaceError: naming `source` when no face scores at least `min_score`.
+    """
+    from faceveil.engine.detect import detect
+
+    det = detect(image[None])
+    boxes = np.asarray(det.boxes[0])
+    ok = np.asarray(det.valid[0]) & (np.asarray(det.scores[0]) >= min_score)
+    if not ok.any():
+        raise NoFaceError(f"{source}: no face found (score >= {min_score})")
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    k = int(np.argmax(np.where(ok, area, -np.inf)))
+    return boxes[k], np.asarray(det.landmarks[0, k]), float(det.scores[0, k])
