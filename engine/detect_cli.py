@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -86,7 +85,7 @@ def _run_video(path: str, output: str | None, min_score: float, chunk: int = 16)
     writer = None
     if output:
         if not video_io.is_video(output):
-            raise image_io.InputError(f"{output}: a video input needs a video output (.mp4)")
+            raise image_io.InputError(output, "a video input needs a video output (.mp4)")
         writer = video_io.VideoWriter(output, info.fps,
                                       audio_from=path if info.audio_codec else None)
         writer.__enter__()

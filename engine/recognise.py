@@ -15,7 +15,7 @@ class NoFaceError(image_io.InputError):
     """No face was found where one was needed."""
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _embed_fn(name: str):
     from faceveil.models import registry
 
@@ -31,7 +31,7 @@ def _embed_fn(name: str):
     return rec, embed
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def recogniser_params(name: str):
     """Returns the recogniser `name` and its params (loaded once per process)."""
     from faceveil.models import registry
@@ -48,7 +48,7 @@ def embed_faces(image: np.ndarray, landmarks: np.ndarray, model: str = "dlib"):
       landmarks: [K, 5, 2] landmarks in the photo (MTCNN order).
       model: recogniser name.
     """
-    rec, params = recogniser_params(model)
+    _, params = recogniser_params(model)
     _, embed = _embed_fn(model)
     frame = image_io.to_float(image)
     emb, chips = embed(params, jnp.asarray(frame), jnp.asarray(landmarks, jnp.float32))

@@ -44,17 +44,17 @@ def probe(path: str | os.PathLike) -> VideoInfo:
 
     path = str(path)
     if not os.path.isfile(path):
-        raise InputError(f"{path}: no such file")
+        raise InputError(path, "no such file")
     try:
         gen = imageio_ffmpeg.read_frames(path)
         meta = next(gen)
         gen.close()
         frames, _ = imageio_ffmpeg.count_frames_and_secs(path)
     except (RuntimeError, OSError, StopIteration) as e:
-        raise InputError(f"{path}: not a readable video ({str(e).splitlines()[0][:200]})") from e
+        raise InputError(path, f"not a readable video ({str(e).splitlines()[0][:200]})") from e
     w, h = meta["size"]
     if frames <= 0:
-        raise InputError(f"{path}: the video holds no frames")
+        raise InputError(path, "the video holds no frames")
     return VideoInfo(path, int(w), int(h), float(meta["fps"]), int(frames),
                      float(meta.get("duration") or 0.0), meta.get("audio_codec"))
 
@@ -76,7 +76,7 @@ def iter_chunks(path: str | os.PathLike, chunk: int, *, start: int = 0,
     try:
         for raw in gen:
             if len(raw) != n_frame_bytes:
-                raise InputError(f"{path}: frame {index} is incomplete (truncated file?)")
+                raise InputError(path, f"frame {index} is incomplete (truncated file?)")
             if index >= start:
                 buf.append(np.frombuffer(raw, np.uint8).reshape(info.height, info.width, 3))
                 emitted += 1
@@ -87,7 +87,7 @@ def iter_chunks(path: str | os.PathLike, chunk: int, *, start: int = 0,
                     break
             index += 1
     except RuntimeError as e:
-        raise InputError(f"{path}: decoding stopped after {index} frames ({e})") from e
+        raise InputError(path, f"decoding stopped after {index} frames ({e})") from e
     finally:
         gen.close()
     if buf:
@@ -98,7 +98,7 @@ def read_video(path: str | os.PathLike, *, limit: int | None = None) -> np.ndarr
     """Returns all frames (or the first `limit`) of a video as uint8 [T, H, W, 3]."""
     chunks = list(iter_chunks(path, 64, limit=limit))
     if not chunks:
-        raise InputError(f"{path}: no frames could be decoded")
+        raise InputError(path, "no frames could be decoded")
     return np.concatenate(chunks)
 
 
@@ -121,9 +121,9 @@ class VideoWriter:
     def __enter__(self):
         folder = self.path.parent if str(self.path.parent) else Path(".")
         if not folder.is_dir():
-            raise InputError(f"{self.path}: the output folder {folder} does not exist")
+            raise InputError(self.path, f"the output folder {folder} does not exist")
         if not os.access(folder, os.W_OK):
-            raise InputError(f"{self.path}: no permission to write in {folder}")
+            raise InputError(self.path, f"no permission to write in {folder}")
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{self.path.stem}.",
                                    suffix=self.path.suffix)
         os.close(fd)
@@ -141,7 +141,7 @@ class VideoWriter:
             h, w = frames.shape[1:3]
             kwargs = {}
             if self.audio_from:
-                kwargs = dict(audio_path=self.audio_from, audio_codec="copy")
+                kwargs = {"audio_path": self.audio_from, "audio_codec": "copy"}
             self._gen = imageio_ffmpeg.write_frames(
                 self._tmp, (w, h), fps=self.fps, quality=self.quality, codec="libx264",
                 macro_block_size=1, output_params=["-y"], **kwargs)
