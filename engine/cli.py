@@ -3,6 +3,10 @@
     faceveil fetch-weights [--models=mtcnn,dlib_resnet,...] [--force]
     faceveil detect --input IMAGE_OR_VIDEO [--output annotated.png|.mp4] [--json faces.json]
     faceveil compare IMAGE_A IMAGE_B [--model dlib|facenet]
+    faceveil cloak IMAGES... --out DIR [--model dlib|facenet] [--mode low|mid|high]
+                   [--target-pool DIR]
+    faceveil cloak-video --input IN.mp4 --output OUT.mp4 [--reuse none|copy|affine]
+                   [--report report.json] [--model ...] [--mode ...]
     faceveil demo [--out DIR]
 
 Every command exits 0 on success, 1 on a user error (bad input, missing weights) with a
@@ -22,12 +26,20 @@ flags.DEFINE_bool("force", False, "fetch-weights: convert again even if the stor
 flags.DEFINE_string("input", None, "detect: image or video to read.")
 flags.DEFINE_string("output", None, "detect: annotated image (.png/.jpg) or video (.mp4).")
 flags.DEFINE_string("json", None, "detect: where to write boxes and landmarks as JSON.")
-flags.DEFINE_string("model", "dlib", "compare: recogniser (dlib or facenet).")
-flags.DEFINE_string("out", "out/demo", "demo: output folder.")
+flags.DEFINE_string("model", "dlib", "compare/cloak: recogniser (dlib or facenet).")
+flags.DEFINE_string("out", None, "cloak/demo: output folder (demo default: out/demo).")
+flags.DEFINE_enum("mode", "mid", ["low", "mid", "high"], "cloak: visual budget and strength.")
+flags.DEFINE_string("target-pool", None, "cloak: folder of identity folders (targeted cloak).")
+flags.DEFINE_enum("reuse", "affine", ["none", "copy", "affine"],
+                  "cloak-video: warm start from the previous frame's cloak.")
+flags.DEFINE_string("report", None, "cloak-video: report JSON (PNGs are written beside it).")
+flags.DEFINE_integer("chunk", 16, "cloak-video: frames per compiled call.")
+flags.DEFINE_integer("frames", None, "cloak-video: cloak only the first N frames.")
+flags.DEFINE_bool("resume", True, "cloak-video: continue an interrupted job.")
 flags.DEFINE_float("min_score", 0.9, "detect: report faces whose O-Net score is at least this.")
 flags.DEFINE_bool("overwrite", False, "Allow an output path that names an input file.")
 
-COMMANDS = ("fetch-weights", "detect", "compare", "demo")
+COMMANDS = ("fetch-weights", "detect", "compare", "cloak", "cloak-video", "demo")
 
 
 class UserError(Exception):
@@ -61,17 +73,43 @@ def _cmd_compare(args):
     print(compare.format_result(result))
 
 
+def _cmd_cloak(args):
+    from faceveil.engine import cloak_cli
+
+    if not FLAGS.out:
+        raise UserError("cloak needs --out DIR for the cloaked images")
+    if not args:
+        raise UserError("cloak needs at least one image: faceveil cloak IMAGES... --out DIR")
+    cloak_cli.run_images(args, FLAGS.out, model=FLAGS.model, mode=FLAGS.mode,
+                         target_pool=FLAGS["target-pool"].value, overwrite=FLAGS.overwrite)
+
+
+def _cmd_cloak_video(args):
+    from faceveil.engine import cloak_cli
+
+    if args:
+        raise UserError(f"cloak-video takes no positional arguments (got {args})")
+    if not FLAGS.input or not FLAGS.output:
+        raise UserError("cloak-video needs --input IN.mp4 and --output OUT.mp4")
+    cloak_cli.run_video(FLAGS.input, FLAGS.output, report_path=FLAGS.report,
+                        reuse=FLAGS.reuse, model=FLAGS.model, mode=FLAGS.mode,
+                        chunk=FLAGS.chunk, max_frames=FLAGS.frames, resume=FLAGS.resume,
+                        overwrite=FLAGS.overwrite)
+
+
 def _cmd_demo(args):
     from faceveil.engine import demo
 
     del args
-    demo.run(FLAGS.out)
+    demo.run(FLAGS.out or "out/demo")
 
 
 _HANDLERS = {
     "fetch-weights": _cmd_fetch_weights,
     "detect": _cmd_detect,
     "compare": _cmd_compare,
+    "cloak": _cmd_cloak,
+    "cloak-video": _cmd_cloak_video,
     "demo": _cmd_demo,
 }
 

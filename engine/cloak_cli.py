@@ -1,0 +1,130 @@
+"""`faceveil cloak` and `faceveil cloak-video`: the library calls plus the files a person reads."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from faceveil.engine import cloak, cloak_images, cloak_video, image_io, report, video_io
+
+
+def _face_crop(frame: np.ndarray, box: np.ndarray, margin: float = 0.25) -> np.ndarray:
+    """Returns the square crop around a face box (with margin), clipped to the frame."""
+    x1, y1, x2, y2 = box
+    side = max(x2 - x1, y2 - y1) * (1 + 2 * margin)
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    h, w = frame.shape[:2]
+    xa, ya = int(max(cx - side / 2, 0)), int(max(cy - side / 2, 0))
+    xb, yb = int(min(cx + side / 2, w)), int(min(cy + side / 2, h))
+    return frame[ya:yb, xa:xb]
+
+
+def write_video_report(path: str, rep: dict, output: str | None) -> dict:
+    """Returns the JSON-ready report after writing it and its PNGs beside `path`."""
+    out = Path(path)
+    stem = out.with_suffix("")
+    pngs = {}
+    iters, mask = rep.pop("_iters", None), rep.pop("_mask", None)
+    curves, samples = rep.pop("_curves", None), rep.pop("_samples", {})
+    boxes = rep.pop("_boxes", None)
+    if iters is not None and mask is not None and mask.any():
+        pngs["iterations"] = str(report.plot_iterations(
+            f"{stem}_iterations.png", iters, mask=mask,
+            labels=[f"track {i}" for i in range(iters.shape[0])],
+            max_iters=rep["config"]["max_iters"]))
+        t = int(np.argmax(mask.sum(axis=1)))
+        frames = np.flatnonzero(mask[t])
+        pngs["loss_curves"] = str(report.plot_loss_curves(
+            f"{stem}_loss_curves.png", curves[t][frames], frames))
+    if samples:
+        ids = sorted(samples)
+        originals, protected, labels = [], [], []
+        for f in ids:
+            t = int(np.flatnonzero(mask[:, f])[0])
+            originals.append(_face_crop(samples[f][0], boxes[t, f]))
+            protected.append(_face_crop(samples[f][1], boxes[t, f]))
+            labels.append({"frame": f, "iters": int(iters[t, f])})
+        pngs["crops"] = str(report.crop_strip(f"{stem}_crops.png", originals, protected, labels))
+        f = ids[len(ids) // 2]
+        pngs["side_by_side"] = str(report.side_by_side(
+            f"{stem}_side_by_side.png", samples[f][0], samples[f][1],
+            labels=(f"original, frame {f}", "cloaked")))
+    rep["outputs"] = {"report": str(out), **pngs}
+    if output:
+        rep["outputs"]["video"] = str(output)
+    image_io.write_json(out, rep)
+    return rep
+
+
+def run_video(input_path: str, output: str, *, report_path: str | None, reuse: str,
+              model: str, mode: str, chunk: int, max_frames: int | None,
+              resume: bool = True, overwrite: bool = False) -> dict:
+    """Returns the report of cloaking a video file (the `cloak-video` command)."""
+    if not video_io.is_video(output):
+        raise image_io.InputError(output, "the output must be a video file (.mp4, .mkv, ...)")
+    image_io.ensure_not_input(output, [input_path], overwrite=overwrite)
+    report_path = report_path or str(Path(output).with_suffix(".json"))
+    config = cloak_images.config_for(mode, model, reuse=reuse)
+    job = cloak_video.VideoJob(model=model, chunk=chunk, max_frames=max_frames)
+    _, rep = cloak_video.cloak_video(input_path, output=output, config=config, job=job,
+                                     resume=resume)
+    rep["reuse"] = reuse
+    rep = write_video_report(report_path, rep, output)
+    print(_headline(rep), file=sys.stderr)
+    return rep
+
+
+def _headline(rep: dict) -> str:
+    lines = [(f"{rep['frames']} frames, {rep['tracks']} face track(s), "
+             f"{rep.get('faces', 0)} faces cloaked against {rep['model']}")]
+    if rep.get("faces"):
+        lines.append(f"iterations: {rep['total_iterations']} "
+                     f"({rep['mean_iterations']:.1f} per face, reuse {rep.get('reuse')})")
+        lines.append(f"protection ({rep['model']}): mean {rep['mean_protection']:.3f}, "
+                     f"min {rep['min_protection']:.3f}; SSIM mean {rep['mean_ssim']:.4f}")
+        other = rep.get("other_model")
+        if other and other.get("mean_protection") is not None:
+            lines.append(f"protection ({other['model']}, not cloaked against): mean "
+                         f"{other['mean_protection']:.3f}")
+    if rep.get("note"):
+        lines.append(rep["note"])
+    lines.append(f"speed: {rep.get('frames_per_second')} frames/s "
+                 f"({rep.get('wall_seconds')} s)")
+    lines.extend(f"{k}: {v}" for k, v in rep.get("outputs", {}).items())
+    return "\n".join(lines)
+
+
+def run_images(paths: list[str], out_dir: str, *, model: str, mode: str,
+               target_pool: str | None, overwrite: bool = False) -> dict:
+    """Returns the report of cloaking photos (the `cloak` command); writes PNGs into out_dir."""
+    if not paths:
+        raise image_io.InputError(out_dir, "no input images given")
+    images = [image_io.read_image(p) for p in paths]  # every input is checked before any work
+    out = Path(out_dir)
+    targets = [out / f"{Path(p).stem}_cloaked.png" for p in paths]
+    for t in targets:
+        image_io.ensure_not_input(t, paths, overwrite=overwrite)
+    protected, rep = cloak_images.cloak_images(images, model=model, mode=mode,
+                                               target_pool=target_pool)
+    for p, t, img, entry in zip(paths, targets, protected, rep["images"]):
+        # PNG: a lossy format would wash out the cloak it carries.
+        image_io.write_image(t, img)
+        entry.update({"file": str(p), "output": str(t)})
+        n = len(entry["faces"])
+        msg = f"{p}: {n} face(s) cloaked -> {t}"
+        if entry["small_faces_left_alone"]:
+            msg += f" ({entry['small_faces_left_alone']} too small, left alone)"
+        if n == 0:
+            msg += " (no face found: copied unchanged)"
+        print(msg, file=sys.stderr)
+    image_io.write_json(out / "report.json", rep)
+    if rep.get("faces"):
+        print(f"{rep['faces']} faces: mean protection {rep['mean_protection']:.3f}, "
+              f"mean SSIM {rep['mean_ssim']:.4f}, report -> {out / 'report.json'}",
+              file=sys.stderr)
+    return rep
+
+
+__all__ = ["cloak", "run_images", "run_video", "write_video_report"]
