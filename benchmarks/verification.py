@@ -25,10 +25,14 @@ from faceveil.engine import image_io, recognise
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
-flags.DEFINE_string("json", None, "Write the JSON report here too.")
-flags.DEFINE_list("models", ["dlib", "facenet"], "Recognisers to evaluate.")
-flags.DEFINE_string("data", str(DEFAULT_DATA), "The shared data folder.")
 FLAGS = flags.FLAGS
+
+
+def _define_flags():
+    # Defined only when run as a script, so other benchmarks can import this module.
+    flags.DEFINE_string("json", None, "Write the JSON report here too.")
+    flags.DEFINE_list("models", ["dlib", "facenet"], "Recognisers to evaluate.")
+    flags.DEFINE_string("data", str(DEFAULT_DATA), "The shared data folder.")
 
 
 def face_photos(data: Path) -> list[tuple[str, Path]]:
@@ -100,4 +104,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

@@ -317,8 +317,9 @@ def cloak_video(source, *, output: str | None = None, config: cloak.CloakConfig 
         protected = encoder.close()
         ok = True
     finally:
-        if not ok:
+        if not ok:  # stop the encoder before the writer's ffmpeg is closed under it
             encoder.q.put(None)
+            encoder.thread.join(timeout=60)
         if writer is not None:
             writer.__exit__(None if ok else RuntimeError, None, None)
     wall = time.perf_counter() - t_start
