@@ -126,19 +126,27 @@ def warp(image: ArrayLike, m: ArrayLike, size: tuple[int, int], fill: float = 0.
     return sample_bilinear(image, xs, ys, fill)
 
 
-def chip_transform(landmarks: ArrayLike, template: ArrayLike) -> jax.Array:
-    """Returns the (2, 3) similarity from chip pixels to frame pixels for one face.
+def chip_transform(landmarks: ArrayLike, template: ArrayLike, aspect: float = 1.0) -> jax.Array:
+    """Returns the (2, 3) transform from chip pixels to frame pixels for one face.
+
+    A similarity fitted from the template to the landmarks; with `aspect` != 1 the fit is made
+    in unsquashed chip coordinates (y * aspect) and the chip squashes the face's height by
+    `aspect`, for recognisers trained on crops taller than wide resized to a square.
 
     Args:
       landmarks: [5, 2] detected landmarks in the frame.
       template: [5, 2] where those landmarks should land in the chip.
+      aspect: height/width of the frame region that one square chip covers.
     """
-    return estimate_similarity(template, landmarks)
+    stretch = jnp.array([1.0, aspect], jnp.float32)
+    m = estimate_similarity(jnp.asarray(template, jnp.float32) * stretch, landmarks)
+    return m * jnp.array([1.0, aspect, 1.0], jnp.float32)
 
 
-def extract_chip(frame: ArrayLike, landmarks: ArrayLike, template: ArrayLike, size: int):
+def extract_chip(frame: ArrayLike, landmarks: ArrayLike, template: ArrayLike, size: int,
+                 aspect: float = 1.0):
     """Returns the aligned [size, size, C] chip of the face with these landmarks."""
-    return warp(frame, chip_transform(landmarks, template), (size, size))
+    return warp(frame, chip_transform(landmarks, template, aspect), (size, size))
 
 
 def paste(frame: ArrayLike, chip: ArrayLike, m_chip_to_frame: ArrayLike) -> jax.Array:

@@ -24,8 +24,8 @@ def _embed_fn(name: str):
 
     @jax.jit
     def embed(params, frame, landmarks):
-        chips = jax.vmap(lambda lm: align.extract_chip(frame, lm, template, rec.chip_size))(
-            landmarks)
+        chips = jax.vmap(lambda lm: align.extract_chip(
+            frame, lm, template, rec.chip_size, rec.aspect))(landmarks)
         return rec.apply(params, chips)[0], chips
 
     return rec, embed

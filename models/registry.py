@@ -8,7 +8,10 @@ differentiable with respect to `chips`.
 
 Alignment: `rec.template` holds where the 5 landmarks (left eye, right eye, nose, left mouth
 corner, right mouth corner; image-left first) land in chip pixels; the engine estimates the
-similarity transform frame -> chip from detected landmarks to this template.
+similarity transform frame -> chip from detected landmarks to this template. `rec.aspect`
+(default 1) is the height/width ratio of the face region the chip squashes into a square (FaceNet
+was trained on MTCNN box crops ~1.26x taller than wide): the similarity is fitted in
+unsquashed chip coordinates and the chip then squashes y by it (`align.chip_transform`).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ class Recogniser:
     metric: str  # "euclidean" (on the raw embedding)
     layers: tuple[str, ...]  # names of the intermediate features, shallow to deep
     load_params: Callable[[], dict]  # from the weight store
+    aspect: float = 1.0  # height/width of the region the chip squashes (see module docstring)
 
     def embed(self, params, chips):
         """Returns the embeddings [N, D] of aligned chips [N, S, S, 3] in [0, 1]."""

@@ -117,3 +117,13 @@ def test_jit_vmap_over_faces():
     chips = f(lms)
     assert chips.shape == (2, 40, 40, 3)
     np.testing.assert_allclose(chips[0, 5:, 5:], frame[10:45, 10:45], atol=1e-4)
+
+
+def test_chip_transform_with_aspect_squashes_height():
+    # A face region 1.25x taller than wide maps onto the square template when aspect = 1.25.
+    template = jnp.array([[10.0, 12], [30, 12], [20, 22], [12, 30], [28, 30]])
+    landmarks = template * jnp.array([2.0, 2.5]) + 7.0  # x scaled by 2, y by 2.5 = 2 * 1.25
+    m = align.chip_transform(landmarks, template, aspect=1.25)
+    np.testing.assert_allclose(align.apply_transform(m, template), landmarks, atol=1e-3)
+    m1 = align.chip_transform(landmarks, template)  # a plain similarity cannot fit it
+    assert float(jnp.abs(align.apply_transform(m1, template) - landmarks).max()) > 1.0
