@@ -95,8 +95,6 @@ def cloak_images(images: list[np.ndarray], *, model: str = "dlib", mode: str = "
       min_face: faces whose box side is smaller (pixels) are left alone and reported.
       config: explicit CloakConfig instead of a mode.
     """
-    from faceveil.engine.detect import detect
-
     rec, params = recognise.recogniser_params(model)
     targeted = target_pool is not None
     config = config or config_for(mode, model, targeted=targeted)
@@ -104,13 +102,12 @@ def cloak_images(images: list[np.ndarray], *, model: str = "dlib", mode: str = "
     report = {"model": model, "mode": mode, "config": dataclasses.asdict(config),
               "images": []}
     for i, img in enumerate(images):
-        det = detect(img[None])
-        boxes, scores = np.asarray(det.boxes[0]), np.asarray(det.scores[0])
-        ok = np.asarray(det.valid[0]) & (scores >= min_score)
+        boxes, scores, lms, valid = recognise.detect_photo(img)
+        ok = valid & (scores >= min_score)
         side = np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
         small = int((ok & (side < min_face)).sum())
         for k in np.flatnonzero(ok & (side >= min_face)):
-            faces.append(_Face(i, np.asarray(det.landmarks[0, k]), boxes[k]))
+            faces.append(_Face(i, lms[k], boxes[k]))
         report["images"].append({"faces": [], "small_faces_left_alone": small})
     out = [np.array(img, copy=True) for img in images]
     if not faces:

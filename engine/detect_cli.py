@@ -15,10 +15,13 @@ LANDMARK_NAMES = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
 
 def faces_as_dicts(det, index: int, min_score: float = 0.0) -> list[dict]:
     """Returns the valid faces of frame `index` of a Detections as JSON-ready dicts."""
-    boxes = np.asarray(det.boxes[index])
-    scores = np.asarray(det.scores[index])
-    lms = np.asarray(det.landmarks[index])
-    valid = np.asarray(det.valid[index])
+    return face_dicts(det.boxes[index], det.scores[index], det.landmarks[index],
+                      det.valid[index], min_score)
+
+
+def face_dicts(boxes, scores, lms, valid, min_score: float = 0.0) -> list[dict]:
+    """Returns JSON-ready dicts of the valid faces among boxes [K, 4], scores, landmarks."""
+    boxes, scores, lms, valid = (np.asarray(a) for a in (boxes, scores, lms, valid))
     faces = []
     for k in np.flatnonzero(valid & (scores >= min_score)):
         faces.append({
@@ -64,8 +67,10 @@ def run(input_path: str, *, output: str | None = None, json_path: str | None = N
     if video_io.is_video(input_path):
         report = _run_video(input_path, output, min_score)
     else:
+        from faceveil.engine import recognise
+
         image = image_io.read_image(input_path)
-        faces = _detect_frames(image[None], min_score)[0]
+        faces = face_dicts(*recognise.detect_photo(image), min_score)
         report = {"images": [{"file": str(input_path), "width": image.shape[1],
                               "height": image.shape[0], "faces": faces}]}
         if output:

@@ -55,19 +55,51 @@ def embed_faces(image: np.ndarray, landmarks: np.ndarray, model: str = "dlib"):
     return np.asarray(emb), np.asarray(chips)
 
 
+PHOTO_MAX_SIDE = 1280
+PHOTO_BUCKET = 160
+
+
+def detect_photo(image: np.ndarray, *, max_side: int = PHOTO_MAX_SIDE,
+                 bucket: int = PHOTO_BUCKET):
+    """Returns (boxes [K, 4], scores [K], landmarks [K, 5, 2], valid [K]) of one photo.
+
+    Photos come in every size and each size would compile its own detector: a photo is scaled
+    down so its longer side is at most `max_side`, padded with black to a multiple of `bucket`
+    on each side, detected, and the boxes and landmarks are mapped back to its own pixels. A
+    few compiled shapes then serve any set of photos.
+    """
+    from PIL import Image
+
+    from faceveil.engine.detect import detect
+
+    h, w = image.shape[:2]
+    s = min(1.0, max_side / max(h, w))
+    if s < 1.0:
+        small = np.asarray(Image.fromarray(image).resize(
+            (max(1, round(w * s)), max(1, round(h * s))), Image.BILINEAR))
+    else:
+        small = image
+    sh, sw = small.shape[:2]
+    ph, pw = -(-sh // bucket) * bucket, -(-sw // bucket) * bucket
+    padded = np.zeros((ph, pw, 3), np.uint8)
+    padded[:sh, :sw] = small
+    det = detect(padded[None])
+    sx, sy = sw / w, sh / h
+    boxes = np.asarray(det.boxes[0]) / np.array([sx, sy, sx, sy], np.float32)
+    lms = np.asarray(det.landmarks[0]) / np.array([sx, sy], np.float32)
+    return boxes, np.asarray(det.scores[0]), lms, np.asarray(det.valid[0])
+
+
 def largest_face(image: np.ndarray, *, min_score: float = 0.9, source: str = "image"):
     """Returns (box [4], landmarks [5, 2], score) of the largest detected face of a photo.
 
     Raises:
       NoFaceError: naming `source` when no face scores at least `min_score`.
     """
-    from faceveil.engine.detect import detect
-
-    det = detect(image[None])
-    boxes = np.asarray(det.boxes[0])
-    ok = np.asarray(det.valid[0]) & (np.asarray(det.scores[0]) >= min_score)
+    boxes, scores, lms, valid = detect_photo(image)
+    ok = valid & (scores >= min_score)
     if not ok.any():
-        raise NoFaceError(f"{source}: no face found (score >= {min_score})")
+        raise NoFaceError(source, f"no face found (score >= {min_score})")
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     k = int(np.argmax(np.where(ok, area, -np.inf)))
-    return boxes[k], np.asarray(det.landmarks[0, k]), float(det.scores[0, k])
+    return boxes[k], lms[k], float(scores[k])
