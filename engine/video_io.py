@@ -113,7 +113,7 @@ class VideoWriter:
                  quality: int = 8):
         self.path = Path(path)
         self.fps = fps
-        self.audio_from = audio_from
+        self.audio_from = None if audio_from is None else str(audio_from)
         self.quality = quality
         self._gen = None
         self._tmp = None
@@ -139,12 +139,15 @@ class VideoWriter:
             frames = frames[None]
         if self._gen is None:
             h, w = frames.shape[1:3]
-            kwargs = {}
+            kwargs, extra = {}, []
             if self.audio_from:
+                # The source's audio, unchanged; -shortest ends it with the last written frame
+                # (a job limited to the first N frames must not carry the whole soundtrack).
                 kwargs = {"audio_path": self.audio_from, "audio_codec": "copy"}
+                extra = ["-shortest"]
             self._gen = imageio_ffmpeg.write_frames(
                 self._tmp, (w, h), fps=self.fps, quality=self.quality, codec="libx264",
-                macro_block_size=1, output_params=["-y"], **kwargs)
+                macro_block_size=1, output_params=["-y", *extra], **kwargs)
             self._gen.send(None)
         for f in frames:
             self._gen.send(np.ascontiguousarray(f))

@@ -1,0 +1,141 @@
+"""End-to-end cloaking on CPU with the real detector and dlib: images, video, resume, bad input.
+
+Iteration limits are tiny so the suite stays fast on 2 cores; protection strength itself is
+measured by benchmarks/iterations_saved.py, not here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+
+import numpy as np
+import pytest
+
+from faceveil.engine import cloak, cloak_images, cloak_video, image_io, synth_video, video_io
+
+FAST = cloak.CloakConfig(max_iters=3, threshold=0.75, reuse="affine")
+
+
+def _sha(path) -> str:
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def short_clip():
+    """Returns 8 frames (180x320) of the synthetic astronaut clip, with a face in each."""
+    from skimage import data
+
+    vid = synth_video.make_demo_video(data.astronaut(), seconds=0.4, fps=20, size=(180, 320),
+                                      focus=synth_video.ASTRONAUT_FACE, key=1)
+    return vid.frames
+
+
+def test_cloak_video_frames_changes_only_face_patches(short_clip):
+    job = cloak_video.VideoJob(chunk=4, other_model=None)
+    out, rep = cloak_video.cloak_video(short_clip, config=FAST, job=job)
+    assert out.shape == short_clip.shape and out.dtype == np.uint8
+    assert rep["tracks"] == 1 and rep["faces"] == len(short_clip)
+    iters = np.asarray(rep["iterations_per_frame"])
+    assert iters.max() <= FAST.max_iters and iters[0] >= 1  # the cold start does work
+    changed = np.any(out != short_clip, axis=-1)
+    assert changed.any()
+    # Every changed pixel lies inside that frame's face patch (the cloak stays on the face).
+    boxes = rep["_boxes"][0]
+    for t in range(len(out)):
+        ys, xs = np.nonzero(changed[t])
+        if xs.size:
+            cx, cy = (boxes[t, 0] + boxes[t, 2]) / 2, (boxes[t, 1] + boxes[t, 3]) / 2
+            side = max(boxes[t, 2] - boxes[t, 0], boxes[t, 3] - boxes[t, 1])
+            assert np.abs(xs - cx).max() < 1.5 * side and np.abs(ys - cy).max() < 1.5 * side
+    assert 0.9 < rep["mean_ssim"] <= 1.0
+
+
+def test_cloak_video_file_resume_matches_uninterrupted(short_clip, tmp_path, monkeypatch):
+    src = synth_video.write_demo_video(tmp_path / "in.mp4", short_clip, 20)
+    before = _sha(src)
+    job = cloak_video.VideoJob(chunk=4, other_model=None)
+    full = tmp_path / "full.mp4"
+    _, rep_full = cloak_video.cloak_video(src, output=str(full), config=FAST, job=job)
+
+    broken = tmp_path / "broken.mp4"
+    real_save = cloak_video._save_chunk
+    calls = []
+
+    def save_then_die(state_dir, j, *args):
+        real_save(state_dir, j, *args)
+        calls.append(j)
+        if j == 0:
+            raise KeyboardInterrupt  # the user stops the job after its first chunk
+
+    monkeypatch.setattr(cloak_video, "_save_chunk", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        cloak_video.cloak_video(src, output=str(broken), config=FAST, job=job)
+    assert not broken.exists()  # nothing under the real name until complete
+    assert (tmp_path / "broken.mp4.partial" / "chunk_00000.npz").exists()
+    calls.clear()
+    _, rep = cloak_video.cloak_video(src, output=str(broken), config=FAST, job=job)
+    assert calls == [1]  # only the unfinished chunk ran again
+    assert rep["iterations_per_frame"] == rep_full["iterations_per_frame"]
+    np.testing.assert_array_equal(video_io.read_video(broken), video_io.read_video(full))
+    assert not (tmp_path / "broken.mp4.partial").exists()
+    assert _sha(src) == before
+
+
+def test_video_without_faces_is_copied_unchanged(tmp_path):
+    frames = np.full((6, 64, 96, 3), 128, np.uint8)
+    src = synth_video.write_demo_video(tmp_path / "flat.mp4", frames, 10)
+    out = tmp_path / "out.mp4"
+    _, rep = cloak_video.cloak_video(src, output=str(out), config=FAST,
+                                     job=cloak_video.VideoJob(chunk=4, other_model=None))
+    assert rep["tracks"] == 0 and "unchanged" in rep["note"]
+    assert _sha(out) == _sha(src)
+
+
+def test_truncated_video_is_a_clear_error(data_dir, tmp_path):
+    src = data_dir / "video" / "hamilton_clip.mp4"
+    bad = tmp_path / "cut.mp4"
+    bad.write_bytes(src.read_bytes()[: 40_000])
+    out = tmp_path / "out.mp4"
+    with pytest.raises(image_io.InputError, match="cut.mp4"):
+        cloak_video.cloak_video(bad, output=str(out), config=FAST,
+                                job=cloak_video.VideoJob(chunk=4, other_model=None))
+    assert not out.exists()
+
+
+def test_video_keeps_audio_and_frame_rate(data_dir, tmp_path):
+    src = data_dir / "video" / "hamilton_clip.mp4"
+    out = tmp_path / "ham.mp4"
+    job = cloak_video.VideoJob(chunk=4, other_model=None, max_frames=4)
+    _, rep = cloak_video.cloak_video(src, output=str(out), config=FAST, job=job)
+    info = video_io.probe(out)
+    assert info.audio_codec is not None
+    assert abs(info.fps - 29.97) < 0.01
+    assert rep["frames"] == 4 and rep["tracks"] >= 1
+
+
+def test_cloak_images_two_faces_in_one_call(data_dir):
+    img = image_io.read_image(data_dir / "multi" / "two_people.jpg")
+    out, rep = cloak_images.cloak_images([img], config=FAST)
+    assert len(rep["images"][0]["faces"]) == 2
+    assert out[0].shape == img.shape and np.any(out[0] != img)
+    assert all(f["iterations"] <= FAST.max_iters for f in rep["images"][0]["faces"])
+
+
+def test_cloak_cli_bad_inputs_leave_inputs_untouched(data_dir, tmp_path):
+    from faceveil.engine import cloak_cli
+
+    good = tmp_path / "face.jpg"
+    shutil.copy(data_dir / "faces" / "obama" / "obama1.jpg", good)
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image at all")
+    before = _sha(good)
+    with pytest.raises(image_io.InputError, match="bad.jpg"):
+        cloak_cli.run_images([str(good), str(bad)], str(tmp_path / "out"), model="dlib",
+                             mode="low", target_pool=None)
+    assert _sha(good) == before
+    assert not (tmp_path / "out").exists()  # nothing written when any input is bad
+    with pytest.raises(image_io.InputError, match="video file"):
+        cloak_cli.run_video(str(data_dir / "video" / "hamilton_clip.mp4"),
+                            str(tmp_path / "x.png"), report_path=None, reuse="affine",
+                            model="dlib", mode="low", chunk=4, max_frames=2)
