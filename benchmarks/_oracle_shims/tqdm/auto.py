@@ -1,0 +1,3 @@
+"""tqdm.auto stand-in."""
+
+from . import tqdm  # noqa: F401
