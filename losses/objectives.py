@@ -68,7 +68,8 @@ def cloak_objective(
       protected: [H, W, 3] float in [0, 1], the frame-space face region with the cloak.
       original: [H, W, 3] the same region without it (H, W >= 11 for SSIM's window).
       features_fn: maps a [H, W, 3] region to a feature vector [D] (alignment warp and
-        recogniser, closed over by the caller).
+        recogniser, closed over by the caller). It is called exactly once, on `protected`,
+        so a caller may capture that forward pass's outputs for its own use.
       feat_original: [D] = features_fn(original), precomputed (treated as a constant).
       feat_previous: [D] features of the previous protected frame's face; ignored unless
         `has_previous` (it may then hold anything finite or not).
@@ -127,7 +128,7 @@ def veil_objective(
     mode: str = "subspace",
     lam: float = 0.01,
     mu: float = 0.01,
-    hull_iterations: int = 100,
+    hull_iterations: int = 50,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Returns (loss, aux) of the person-specific veil objective (Once-for-all).
 

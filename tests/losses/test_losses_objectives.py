@@ -133,7 +133,8 @@ def test_cloak_jit_grad_vmap_no_recompile(nets):
     (loss2, _), grad2 = step(_images(5), x, fo, fo + 0.1, jnp.asarray(True))
     assert np.isfinite(loss2) and np.all(np.isfinite(grad2))
     assert grad.shape == x.shape
-    assert len(traces) == 1, f"recompiled: {traces}"
+    # One trace, and in it F evaluated exactly once (on `protected`): the documented contract.
+    assert len(traces) == 1, f"recompiled or F called more than once: {traces}"
 
     # Several faces side by side.
     b = 3
