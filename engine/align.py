@@ -126,6 +126,30 @@ def warp(image: ArrayLike, m: ArrayLike, size: tuple[int, int], fill: float = 0.
     return sample_bilinear(image, xs, ys, fill)
 
 
+def antialias(image: ArrayLike, m: ArrayLike, radius: int = 6) -> jax.Array:
+    """Returns image [H, W, C] blurred so that `warp(image, m, ...)` does not alias.
+
+    Bilinear sampling at a scale s > 1 (input pixels per output pixel) reads only the pixels
+    next to the sample points: a perturbation optimised through it lands on exactly those
+    pixels and vanishes when the alignment moves by a pixel. A Gaussian of sigma
+    max(0, (s - 1) / 2) (scikit-image's choice for resizing) first spreads every input pixel
+    over its neighbours. s is the geometric mean of m's axis scales; the kernel is truncated
+    at `radius` (sigma up to ~radius / 3, i.e. s up to ~5, is exact). No blur when s <= 1.
+    """
+    image = jnp.asarray(image)
+    m = jnp.asarray(m, jnp.float32)
+    s = jnp.sqrt(jnp.abs(m[0, 0] * m[1, 1] - m[0, 1] * m[1, 0]))
+    sigma = jnp.maximum((s - 1.0) / 2.0, 1e-3)  # at 1e-3 the kernel is exactly [.., 0, 1, 0, ..]
+    taps = jnp.arange(-radius, radius + 1, dtype=jnp.float32)
+    k = jnp.exp(-0.5 * (taps / sigma) ** 2)
+    k = k / k.sum()
+    h, w = image.shape[0], image.shape[1]
+    pad = [(radius, radius), (radius, radius)] + [(0, 0)] * (image.ndim - 2)
+    x = jnp.pad(image, pad, mode="edge")
+    x = sum(k[i] * x[i:i + h] for i in range(2 * radius + 1))
+    return sum(k[i] * x[:, i:i + w] for i in range(2 * radius + 1))
+
+
 def chip_transform(landmarks: ArrayLike, template: ArrayLike, aspect: float = 1.0) -> jax.Array:
     """Returns the (2, 3) transform from chip pixels to frame pixels for one face.
 

@@ -6,7 +6,7 @@
     faceveil cloak IMAGES... --out DIR [--model dlib|facenet] [--mode low|mid|high]
                    [--target-pool DIR]
     faceveil cloak-video --input IN.mp4 --output OUT.mp4 [--reuse none|copy|affine]
-                   [--report report.json] [--model ...] [--mode ...]
+                   [--report report.json] [--model ...] [--mode ...] [--segment L]
     faceveil demo [--out DIR]
 
 Every command exits 0 on success, 1 on a user error (bad input, missing weights) with a
@@ -35,6 +35,9 @@ flags.DEFINE_enum("reuse", "affine", ["none", "copy", "affine"],
 flags.DEFINE_string("report", None, "cloak-video: report JSON (PNGs are written beside it).")
 flags.DEFINE_integer("chunk", 16, "cloak-video: frames per compiled call.")
 flags.DEFINE_integer("frames", None, "cloak-video: cloak only the first N frames.")
+flags.DEFINE_integer("segment", None, "cloak-video: cut tracks into chains of this many frames "
+                     "that run side by side (fills a GPU when there are few faces; each "
+                     "segment's first face cold-starts).")
 flags.DEFINE_bool("resume", True, "cloak-video: continue an interrupted job.")
 flags.DEFINE_float("min_score", 0.9, "detect: report faces whose O-Net score is at least this.")
 flags.DEFINE_bool("overwrite", False, "Allow an output path that names an input file.")
@@ -94,7 +97,7 @@ def _cmd_cloak_video(args):
     cloak_cli.run_video(FLAGS.input, FLAGS.output, report_path=FLAGS.report,
                         reuse=FLAGS.reuse, model=FLAGS.model, mode=FLAGS.mode,
                         chunk=FLAGS.chunk, max_frames=FLAGS.frames, resume=FLAGS.resume,
-                        overwrite=FLAGS.overwrite)
+                        overwrite=FLAGS.overwrite, segment=FLAGS.segment)
 
 
 def _cmd_demo(args):

@@ -29,6 +29,8 @@ def write_video_report(path: str, rep: dict, output: str | None) -> dict:
     iters, mask = rep.pop("_iters", None), rep.pop("_mask", None)
     curves, samples = rep.pop("_curves", None), rep.pop("_samples", {})
     boxes = rep.pop("_boxes", None)
+    for k in [k for k in rep if k.startswith("_")]:  # arrays for callers, not for the JSON
+        rep.pop(k)
     if iters is not None and mask is not None and mask.any():
         pngs["iterations"] = str(report.plot_iterations(
             f"{stem}_iterations.png", iters, mask=mask,
@@ -60,14 +62,17 @@ def write_video_report(path: str, rep: dict, output: str | None) -> dict:
 
 def run_video(input_path: str, output: str, *, report_path: str | None, reuse: str,
               model: str, mode: str, chunk: int, max_frames: int | None,
-              resume: bool = True, overwrite: bool = False) -> dict:
+              resume: bool = True, overwrite: bool = False,
+              segment: int | None = None) -> dict:
     """Returns the report of cloaking a video file (the `cloak-video` command)."""
     if not video_io.is_video(output):
         raise image_io.InputError(output, "the output must be a video file (.mp4, .mkv, ...)")
     image_io.ensure_not_input(output, [input_path], overwrite=overwrite)
     report_path = report_path or str(Path(output).with_suffix(".json"))
     config = cloak_images.config_for(mode, model, reuse=reuse)
-    job = cloak_video.VideoJob(model=model, chunk=chunk, max_frames=max_frames)
+    if segment is not None and segment < 1:
+        raise image_io.InputError(input_path, f"--segment must be at least 1 frame, got {segment}")
+    job = cloak_video.VideoJob(model=model, chunk=chunk, max_frames=max_frames, segment=segment)
     _, rep = cloak_video.cloak_video(input_path, output=output, config=config, job=job,
                                      resume=resume)
     rep["reuse"] = reuse

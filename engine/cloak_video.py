@@ -1,20 +1,22 @@
-"""Cloaking a whole video: detect, track, optimise chunk by chunk, compose, encode, report.
+"""Cloaking a whole video: detect, track, optimise call by call, compose, encode, report.
 
 Two passes over the frames:
   1. detection: frames are decoded in chunks, detected in one compiled call per chunk, and the
      per-frame detections linked into tracks (`faceveil.engine.track`);
-  2. cloaking: frames are decoded again (a background thread keeps the next chunk ready), the
-     faces of every track active in the chunk are cut into fixed-size patches, one compiled
-     call (`faceveil.engine.cloak.chunk_fn`) optimises all of them (vmap over tracks, scan over
-     frames, while_loop with early stop per frame), the cloaks are added back into the frames
-     and the frames go to the encoder (a second background thread).
-Each track has its own warm-start chain; its carry (cloak, landmarks, features) is kept on the
-host between chunks, so a chunk only runs the tracks it contains (padded to a few lane counts
-so that the compiled function is reused).
+  2. cloaking: frames are decoded again (a background thread keeps the next call's frames
+     ready), and `faceveil.engine.chains.ChainRunner` runs every chain (a track, or a segment
+     of one) present in the call's frame windows as one compiled call (vmap over chains, scan
+     over frames, while_loop with early stop per frame), adds the cloaks back into the frames,
+     and the frames go to the encoder (a second background thread) in order.
+Each chain's carry (cloak, landmarks, features) is kept on the host between calls, so a call
+only runs the chains it contains (padded to a few lane counts so that the compiled function is
+reused). With `VideoJob.segment` the segments of the video run in lockstep (one decoder per
+segment); windows of later segments wait on disk (or in memory) until the frames before them
+are encoded.
 
 Resume: a file job keeps its state beside the output (`<output>.partial/`): the detections,
-every finished chunk's frames and metrics, and the track carries after it. A re-run with the
-same input and settings skips the finished chunks.
+every finished window's frames and records, and the chain carries after the last finished
+call. A re-run with the same input and settings skips the finished calls.
 """
 
 from __future__ import annotations
@@ -31,12 +33,9 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from faceveil.engine import cloak, image_io, track, video_io
-
-LANE_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+from faceveil.engine import chains, cloak, image_io, track, video_io
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +49,9 @@ class VideoJob:
     min_face: float = 40.0  # faces whose box side is smaller are left alone (too small)
     seed: int = 0
     max_frames: int | None = None
+    # Frames per segment: each track is cut into chains of at most this many frames that run
+    # side by side (their heads cold-start). None: one chain per track.
+    segment: int | None = None
 
 
 def _progress(msg: str, end: str = "\n") -> None:
@@ -149,10 +151,6 @@ class _Encoder:
         return np.concatenate(self.frames) if self.writer is None and self.frames else None
 
 
-def _lane_count(n: int) -> int:
-    return next((b for b in LANE_BUCKETS if b >= n), -(-n // 64) * 64)
-
-
 def _state_key(source, job: VideoJob, config: cloak.CloakConfig) -> str:
     st = os.stat(source)
     blob = json.dumps([os.path.abspath(source), st.st_size, st.st_mtime_ns,
@@ -161,7 +159,8 @@ def _state_key(source, job: VideoJob, config: cloak.CloakConfig) -> str:
 
 
 def cloak_video(source, *, output: str | None = None, config: cloak.CloakConfig | None = None,
-                job: VideoJob | None = None, resume: bool = True):
+                job: VideoJob | None = None, resume: bool = True,
+                detections: dict | None = None):
     """Returns (protected uint8 frames [T, H, W, 3] or None when written to `output`, report).
 
     Args:
@@ -170,9 +169,9 @@ def cloak_video(source, *, output: str | None = None, config: cloak.CloakConfig 
       config: the cloak optimisation settings (default CloakConfig()).
       job: detection/tracking/chunking settings.
       resume: continue from `<output>.partial/` when it matches this job.
+      detections: the output of `detect_all` for this source and job (skips the detection
+        pass; e.g. to cloak one video several ways).
     """
-    from faceveil.engine import recognise
-
     config = config or cloak.CloakConfig()
     job = job or VideoJob()
     t_start = time.perf_counter()
@@ -196,23 +195,9 @@ def cloak_video(source, *, output: str | None = None, config: cloak.CloakConfig 
     if state_dir and (not resume or not (state_dir / "state.json").exists()
                       or json.loads((state_dir / "state.json").read_text())["key"] != state_key):
         shutil.rmtree(state_dir, ignore_errors=True)
-
-    # Pass 1: detection and tracking (kept in the state folder for a resumed job).
-    det_file = state_dir / "detections.npz" if state_dir else None
-    if det_file is not None and det_file.exists():
-        with np.load(det_file) as z:
-            det = {k: z[k] for k in z.files}
-        n_frames = int(det["boxes"].shape[0])
-        _progress(f"resume: detections of {n_frames} frames from {det_file}")
-    else:
-        det, n_frames = detect_all(source, n_total, job)
-        if state_dir:
-            state_dir.mkdir(parents=True, exist_ok=True)
-            np.savez(state_dir / ".detections.tmp.npz", **det)
-            os.replace(state_dir / ".detections.tmp.npz", det_file)
-            image_io.write_json(state_dir / "state.json", {"key": state_key})
-    dets = _Dets(det)
-    tracks = track.track(dets)
+    det = _detections(source, n_total, job, state_dir, state_key, detections)
+    n_frames = int(det["boxes"].shape[0])
+    tracks = track.track(_Dets(det))
     report = {"source": _name(source), "frames": n_frames, "fps": fps,
               "tracks": tracks.num_tracks, "model": job.model,
               "config": dataclasses.asdict(config), "job": dataclasses.asdict(job),
@@ -230,34 +215,20 @@ def cloak_video(source, *, output: str | None = None, config: cloak.CloakConfig 
             return None, report
         return source[:n_frames].copy(), report
 
-    rec, params = recognise.recogniser_params(job.model)
-    lms_t = tracks.gather(det["landmarks"])  # [tracks, T, 5, 2]
-    plans0 = [cloak.plan_track(lms_t[i], tracks.mask[i], rec.template, rec.chip_size)
-              for i in range(tracks.num_tracks)]
-    size = max(p.size for p in plans0)  # one patch side for the job: one compiled shape
-    plans = [cloak.plan_track(lms_t[i], tracks.mask[i], rec.template, rec.chip_size, size=size)
-             for i in range(tracks.num_tracks)]
-    key = jax.random.PRNGKey(job.seed)
-    carries = [jax.tree.map(lambda a: np.asarray(a[0]), cloak.init_carry(
-        rec, params, config, jax.random.fold_in(key, i), 1, size))
-        for i in range(tracks.num_tracks)]
-    step = cloak.chunk_fn(rec, config)
-
-    T = job.chunk
-    n_chunks = -(-n_frames // T)
-    iters = np.zeros((tracks.num_tracks, n_frames), np.int32)
-    metric_names = [f for f in cloak.FrameMetrics._fields if f != "loss_curve"]
-    metrics = {k: np.full((tracks.num_tracks, n_frames), np.nan, np.float32)
-               for k in metric_names}
-    curves = np.full((tracks.num_tracks, n_frames, config.max_iters), np.nan, np.float32)
-    first = 0
+    runner, lms_t = _runner(det, tracks, config, job, n_frames)
+    sched = runner.schedule
+    first = 0  # calls already finished (a resumed job)
     if state_dir:
-        while (state_dir / f"chunk_{first:05d}.npz").exists():
+        while (state_dir / f"call_{first:05d}.done").exists():
             first += 1
         if first:
             with np.load(state_dir / f"carry_{first - 1:05d}.npz") as z:
-                carries = _load_carries(z, carries)
-            _progress(f"resume: {first}/{n_chunks} chunks already done")
+                runner.restore_carries(z)
+            for k in range(first):
+                for _, t0, _ in sched.windows(k):
+                    with np.load(_window_file(state_dir, t0)) as z:
+                        runner.restore_window(t0, z)
+            _progress(f"resume: {first}/{sched.num_calls} calls already done")
 
     writer = None
     if is_path and output:
@@ -265,55 +236,52 @@ def cloak_video(source, *, output: str | None = None, config: cloak.CloakConfig 
         writer.__enter__()
     encoder = _Encoder(writer)
     ok = False
-    compile_s = None
     other = _OtherModel(job.other_model) if job.other_model else None
     # A few frames with faces are kept for the report's before/after pictures.
     with_faces = np.flatnonzero(tracks.mask.any(axis=0))
     sample_ids = set(with_faces[np.linspace(0, len(with_faces) - 1, 6).round().astype(int)]
                      .tolist())
     samples: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    try:
-        for j in range(first):  # finished chunks of a resumed job: encode their saved frames
-            with np.load(state_dir / f"chunk_{j:05d}.npz") as z:
-                encoder.put(z["frames"])
-                _restore_metrics(z, j * T, iters, metrics, curves)
-        frames_iter = _prefetch(_chunks(source, T, first * T, n_frames))
-        for j, frames in enumerate(frames_iter, start=first):
-            t0 = j * T
-            n = frames.shape[0]
-            active = [i for i in range(tracks.num_tracks) if tracks.mask[i, t0:t0 + n].any()]
-            out = frames
-            if active:
-                t_call = time.perf_counter()
-                lanes, carry_batch = _build_lanes(frames, t0, T, active, plans, carries, size)
-                target = carry_batch.feat
-                new_carry, res = step(params, lanes, carry_batch, target)
-                res = jax.device_get(res)
-                if compile_s is None:
-                    compile_s = time.perf_counter() - t_call
-                new_carry = jax.device_get(new_carry)
-                for lane, i in enumerate(active):
-                    carries[i] = jax.tree.map(lambda a, lane=lane: np.asarray(a[lane]),
-                                              new_carry)
-                    pres = plans[i].present[t0:t0 + n]
-                    out = cloak.paste_patches(out, np.asarray(lanes.patches[lane, :n]),
-                                              res.protected[lane, :n],
-                                              plans[i].offsets[t0:t0 + n], pres)
-                    iters[i, t0:t0 + n] = res.iters[lane, :n]
-                    for k in metric_names:
-                        metrics[k][i, t0:t0 + n] = res.metrics._asdict()[k][lane, :n]
-                    curves[i, t0:t0 + n] = res.metrics.loss_curve[lane, :n]
-                if other is not None:
-                    other.measure(frames, out, t0, active, plans, lms_t, tracks)
-            for f in range(n):
-                if t0 + f in sample_ids:
-                    samples[t0 + f] = (frames[f].copy(), out[f].copy())
+    # Finished windows wait here (or on disk, None) until every frame before them is encoded.
+    pending: dict[int, tuple | None] = {t0: None for k in range(first)
+                                        for _, t0, _ in sched.windows(k)}
+    flushed = 0
+
+    def flush():
+        nonlocal flushed
+        while flushed in pending:
+            item = pending.pop(flushed)
+            if item is None:
+                with np.load(_window_file(state_dir, flushed)) as z:
+                    item = (z["clean"], z["frames"])
+            clean, out = item
+            for f in range(out.shape[0]):
+                if flushed + f in sample_ids:
+                    samples[flushed + f] = (clean[f].copy(), out[f].copy())
             encoder.put(out)
+            flushed += out.shape[0]
+
+    try:
+        flush()
+        for k, windows in enumerate(_prefetch(_windows(source, sched, first)), start=first):
+            out, _ = runner.run(k, windows)
+            if other is not None:
+                for _, t0, _ in sched.windows(k):
+                    other.measure(windows[t0], out[t0], t0, lms_t, tracks.mask)
+            for s, t0, t1 in sched.windows(k):
+                if state_dir:
+                    _save_window(state_dir, t0, windows[t0], out[t0],
+                                 runner.window_state(t0, t1))
+                # Keep in memory what can be encoded now; later segments wait on disk.
+                pending[t0] = None if (state_dir and s > 0) else (windows[t0], out[t0])
             if state_dir:
-                _save_chunk(state_dir, j, out, t0, iters, metrics, curves, carries)
-            _progress(f"\rcloak: {min(t0 + n, n_frames)}/{n_frames} frames, "
-                      f"{int(iters.sum())} iterations", end="")
+                _save_carries(state_dir, k, runner.carry_state())
+            flush()
+            done = sum(t1 - t0 for kk in range(k + 1) for _, t0, t1 in sched.windows(kk))
+            _progress(f"\rcloak: {done}/{n_frames} frames, {int(runner.iters.sum())} "
+                      f"iterations", end="")
         _progress("")
+        flush()
         protected = encoder.close()
         ok = True
     finally:
@@ -325,7 +293,13 @@ def cloak_video(source, *, output: str | None = None, config: cloak.CloakConfig 
     wall = time.perf_counter() - t_start
     if state_dir:
         shutil.rmtree(state_dir, ignore_errors=True)
-    report.update(_summarise(tracks, iters, metrics, curves, wall, compile_s, n_frames))
+    iters, metrics = runner.iters, runner.metrics
+    report.update(_summarise(tracks, iters, metrics, wall, n_frames))
+    report.update({
+        "segments": sched.num_segments, "chains": _chain_count(runner),
+        "compile_seconds": round(runner.compile_seconds, 3),
+        "optimise_seconds": round(runner.run_seconds, 3),
+        "lane_counts_compiled": runner.lane_counts})
     if other is not None:
         report["other_model"] = other.summary()
     report["per_track"] = [{"track": i, "frames": np.flatnonzero(tracks.mask[i]).tolist(),
@@ -335,10 +309,84 @@ def cloak_video(source, *, output: str | None = None, config: cloak.CloakConfig 
                            for i in range(tracks.num_tracks)]
     report["_samples"] = samples
     report["_boxes"] = tracks.gather(det["boxes"])
-    report["_curves"] = curves
+    report["_landmarks"] = lms_t
+    report["_curves"] = runner.curves
     report["_iters"] = iters
+    report["_metrics"] = metrics
     report["_mask"] = tracks.mask
     return protected, report
+
+
+def _detections(source, n_total, job, state_dir, state_key, given):
+    """Returns the detections of pass 1 (given, saved by an interrupted job, or computed)."""
+    det_file = state_dir / "detections.npz" if state_dir else None
+    if given is not None:
+        det = dict(given)
+    elif det_file is not None and det_file.exists():
+        with np.load(det_file) as z:
+            det = {k: z[k] for k in z.files}
+        _progress(f"resume: detections of {det['boxes'].shape[0]} frames from {det_file}")
+        return det
+    else:
+        det, _ = detect_all(source, n_total, job)
+    if state_dir:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        np.savez(state_dir / ".detections.tmp.npz", **det)
+        os.replace(state_dir / ".detections.tmp.npz", det_file)
+        image_io.write_json(state_dir / "state.json", {"key": state_key})
+    return det
+
+
+def _runner(det, tracks, config, job, n_frames):
+    """Returns (ChainRunner over the tracks, landmarks [tracks, T, 5, 2])."""
+    from faceveil.engine import recognise
+
+    rec, params = recognise.recogniser_params(job.model)
+    lms_t = tracks.gather(det["landmarks"])
+    sizes = [cloak.plan_track(lms_t[i], tracks.mask[i], rec.template, rec.chip_size).size
+             for i in range(tracks.num_tracks)]
+    size = max(sizes)  # one patch side for the job: one compiled shape
+    plans = [cloak.plan_track(lms_t[i], tracks.mask[i], rec.template, rec.chip_size, size=size)
+             for i in range(tracks.num_tracks)]
+    sched = chains.make_schedule(n_frames, job.chunk, job.segment)
+    runner = chains.ChainRunner(rec, params, config, plans, size, sched,
+                                jax.random.PRNGKey(job.seed))
+    return runner, lms_t
+
+
+def _chain_count(runner) -> int:
+    return len({(i, s) for k in range(runner.schedule.num_calls)
+                for i, s, _, _ in runner.active(k)})
+
+
+def _windows(source, sched: chains.Schedule, first: int):
+    """Yields {t0: frames} of calls first, first + 1, ... (one decoder per segment)."""
+    segs = range(sched.num_segments)
+    ends = [min((s + 1) * sched.segment, sched.n_frames) for s in segs]
+    readers = [_chunks(source, sched.chunk, s * sched.segment + first * sched.chunk, ends[s])
+               for s in segs]
+    for k in range(first, sched.num_calls):
+        yield {t0: next(readers[s]) for s, t0, _ in sched.windows(k)}
+
+
+def _window_file(state_dir: Path, t0: int) -> Path:
+    return state_dir / f"window_{t0:07d}.npz"
+
+
+def _save_window(state_dir, t0, clean, frames, records):
+    tmp = state_dir / f".window_{t0:07d}.tmp.npz"
+    np.savez(tmp, clean=clean, frames=frames, **records)
+    os.replace(tmp, _window_file(state_dir, t0))
+
+
+def _save_carries(state_dir, k, carries):
+    """Saves the carries after call k and marks call k finished (what resume looks for)."""
+    tmp = state_dir / f".carry_{k:05d}.tmp.npz"
+    np.savez(tmp, **carries)
+    os.replace(tmp, state_dir / f"carry_{k:05d}.npz")
+    (state_dir / f"call_{k:05d}.done").touch()
+    # The carries of the call before are no longer needed to resume.
+    (state_dir / f"carry_{k - 1:05d}.npz").unlink(missing_ok=True)
 
 
 def _clean(a) -> list:
@@ -353,62 +401,6 @@ class _Dets:
         self.valid, self.scores = det["valid"], det["scores"]
 
 
-def _build_lanes(frames, t0, T, active, plans, carries, size):
-    """Returns (ChainFrames [C, T], ChainCarry [C]) for the active tracks of one chunk."""
-    n = frames.shape[0]
-    c = _lane_count(len(active))
-    patches = np.zeros((c, T, size, size, 3), np.uint8)
-    m_chip = np.tile(np.eye(2, 3, dtype=np.float32), (c, T, 1, 1))
-    lms = np.zeros((c, T, 5, 2), np.float32)
-    offs = np.zeros((c, T, 2), np.float32)
-    present = np.zeros((c, T), bool)
-    for lane, i in enumerate(active):
-        p = plans[i]
-        sl = slice(t0, t0 + n)
-        patches[lane, :n] = cloak.crop_patches(frames, p.offsets[sl], size)
-        m_chip[lane, :n] = p.m_chip[sl]
-        lms[lane, :n] = p.landmarks[sl]
-        offs[lane, :n] = p.offsets[sl]
-        present[lane, :n] = p.present[sl]
-    lane_carries = [carries[i] for i in active] + [carries[active[0]]] * (c - len(active))
-    carry = jax.tree.map(lambda *xs: np.stack(xs), *lane_carries)
-    frames_b = cloak.ChainFrames(jnp.asarray(patches), jnp.asarray(m_chip), jnp.asarray(lms),
-                                 jnp.asarray(offs), jnp.asarray(present))
-    return frames_b, jax.tree.map(jnp.asarray, carry)
-
-
-def _save_chunk(state_dir, j, frames, t0, iters, metrics, curves, carries):
-    n = frames.shape[0]
-    sl = slice(t0, t0 + n)
-    arrays = {"frames": frames, "t0": np.int64(t0), "iters": iters[:, sl],
-              "curves": curves[:, sl]}
-    arrays.update({f"m_{k}": v[:, sl] for k, v in metrics.items()})
-    for name, arrs in (("chunk", arrays), ("carry", _flat_carries(carries))):
-        tmp = state_dir / f".{name}_{j:05d}.tmp.npz"
-        np.savez(tmp, **arrs)
-        os.replace(tmp, state_dir / f"{name}_{j:05d}.npz")
-    # The carry of the chunk before is no longer needed to resume.
-    (state_dir / f"carry_{j - 1:05d}.npz").unlink(missing_ok=True)
-
-
-def _flat_carries(carries):
-    return {f"{i}/{f}": np.asarray(v) for i, c in enumerate(carries)
-            for f, v in c._asdict().items()}
-
-
-def _load_carries(z, carries):
-    return [type(c)(**{f: z[f"{i}/{f}"] for f in c._fields}) for i, c in enumerate(carries)]
-
-
-def _restore_metrics(z, t0, iters, metrics, curves):
-    n = z["iters"].shape[1]
-    sl = slice(t0, t0 + n)
-    iters[:, sl] = z["iters"]
-    curves[:, sl] = z["curves"]
-    for k in metrics:
-        metrics[k][:, sl] = z[f"m_{k}"]
-
-
 class _OtherModel:
     """Cross-model figure: distance between clean and protected faces for a second model."""
 
@@ -419,17 +411,17 @@ class _OtherModel:
         self.rec, self.params = recognise.recogniser_params(name)
         self.dist: list[float] = []
 
-    def measure(self, frames, protected, t0, active, plans, lms_t, tracks):
-        from faceveil.engine import recognise
+    def measure(self, frames, protected, t0, lms_t, mask):
+        """Adds the distances of the faces in frames [t0, t0 + n) (mask [tracks, T])."""
+        from faceveil.engine import protection
 
-        for f in range(frames.shape[0]):
-            lms = [lms_t[i, t0 + f] for i in active if tracks.mask[i, t0 + f]]
-            if not lms:
-                continue
-            lms = np.stack(lms)
-            clean, _ = recognise.embed_faces(frames[f], lms, self.name)
-            prot, _ = recognise.embed_faces(protected[f], lms, self.name)
-            self.dist.extend(np.linalg.norm(clean - prot, axis=1).tolist())
+        sl = slice(t0, t0 + frames.shape[0])
+        m = mask[:, sl]
+        if not m.any():
+            return
+        clean = protection.track_embeddings(frames, lms_t[:, sl], m, self.name)
+        prot = protection.track_embeddings(protected, lms_t[:, sl], m, self.name)
+        self.dist.extend(np.linalg.norm(clean[m] - prot[m], axis=-1).tolist())
 
     def summary(self) -> dict:
         d = np.asarray(self.dist)
@@ -440,7 +432,7 @@ class _OtherModel:
                 if d.size else None}
 
 
-def _summarise(tracks, iters, metrics, curves, wall, compile_s, n_frames) -> dict:
+def _summarise(tracks, iters, metrics, wall, n_frames) -> dict:
     mask = tracks.mask
     prot = metrics["protection"][mask]
     ssim = metrics["ssim"][mask]
@@ -457,6 +449,5 @@ def _summarise(tracks, iters, metrics, curves, wall, compile_s, n_frames) -> dic
         "ssim_per_frame": _clean(np.nanmean(np.where(mask, metrics["ssim"], np.nan), axis=0))
         if mask.any() else [],
         "wall_seconds": round(wall, 3),
-        "first_chunk_seconds_incl_compile": None if compile_s is None else round(compile_s, 3),
         "frames_per_second": round(n_frames / wall, 3) if wall > 0 else None,
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -103,3 +104,33 @@ def largest_face(image: np.ndarray, *, min_score: float = 0.9, source: str = "im
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     k = int(np.argmax(np.where(ok, area, -np.inf)))
     return boxes[k], lms[k], float(scores[k])
+
+
+PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+def photo_gallery(paths, model: str = "dlib", *, skip_faceless: bool = False):
+    """Returns (identities [N] str, embeddings [N, D]) of the largest face of each photo.
+
+    The identity of a photo is its parent folder's name (faces/<name>/x.jpg); a folder argument
+    stands for every .jpg/.jpeg/.png under it. A photo without a face is a NoFaceError naming
+    it, or is skipped with `skip_faceless`.
+    """
+    files = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.suffix.lower() in PHOTO_SUFFIXES)
+        else:
+            files.append(p)
+    names, embs = [], []
+    for f in files:
+        image = image_io.read_image(f)
+        try:
+            _, lms, _ = largest_face(image, source=str(f))
+        except NoFaceError:
+            if skip_faceless:
+                continue
+            raise
+        names.append(f.parent.name)
+        embs.append(embed_faces(image, lms[None], model)[0][0])
+    return np.asarray(names, dtype=str), np.asarray(embs, np.float32).reshape(len(embs), -1)

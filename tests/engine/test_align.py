@@ -127,3 +127,17 @@ def test_chip_transform_with_aspect_squashes_height():
     np.testing.assert_allclose(align.apply_transform(m, template), landmarks, atol=1e-3)
     m1 = align.chip_transform(landmarks, template)  # a plain similarity cannot fit it
     assert float(jnp.abs(align.apply_transform(m1, template) - landmarks).max()) > 1.0
+
+
+def test_antialias_is_identity_when_not_shrinking_and_a_gaussian_when_shrinking():
+    from scipy import ndimage
+
+    rng = np.random.default_rng(3)
+    img = rng.uniform(size=(40, 48, 3)).astype(np.float32)
+    up = np.array([[0.5, 0.0, 3.0], [0.0, 0.5, 2.0]], np.float32)  # output px = half an input px
+    np.testing.assert_array_equal(np.asarray(align.antialias(img, up)), img)
+    # Three input pixels per output pixel, turned 30 degrees: sigma = (3 - 1) / 2 = 1.
+    c, s = 3 * np.cos(np.pi / 6), 3 * np.sin(np.pi / 6)
+    down = np.array([[c, -s, 0.0], [s, c, 0.0]], np.float32)
+    want = ndimage.gaussian_filter(img, sigma=(1.0, 1.0, 0.0), mode="nearest", truncate=6.0)
+    np.testing.assert_allclose(np.asarray(align.antialias(img, down)), want, atol=1e-5)

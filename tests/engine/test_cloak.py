@@ -99,8 +99,9 @@ def _stack(chains):
 # Tiny-net settings: its embedding moves ~0.12 in a few to a few tens of Adadelta steps at lr 1,
 # the range where the stop rule and reuse have something to show (measured while writing these
 # tests). lambda1 < 1: with lambda1 = 1 the temporal term cancels the protection term's pull
-# past the previous face's distance, so protection could never exceed it.
-VIDEO_CFG = {"threshold": 0.12, "lr": 1.0, "max_iters": 40, "lambda1": 0.3}
+# past the previous face's distance, so protection could never exceed it. jitter 0: these tests
+# check the loop's mechanics against hand-run references through the detected alignment.
+VIDEO_CFG = {"threshold": 0.12, "lr": 1.0, "max_iters": 40, "lambda1": 0.3, "jitter": 0.0}
 
 
 # (a) ---------------------------------------------------------------------------------------
@@ -232,7 +233,7 @@ def test_stop_rule_matches_a_python_reference_loop(tiny, video):
     patches = frames[[0, 5]]
     m = jax.vmap(align.chip_transform, (0, None))(jnp.asarray(lms[[0, 5]]), rec.template)
     key = jax.random.key(7)
-    base = cloak.CloakConfig(max_iters=12, lr=1.0)
+    base = cloak.CloakConfig(max_iters=12, lr=1.0, jitter=0.0)
     # The cold starts the engine draws: init_carry splits the key per lane, each frame splits
     # the lane key once and uses the second half.
     lane_keys = jax.random.split(key, 2)
@@ -246,7 +247,7 @@ def test_stop_rule_matches_a_python_reference_loop(tiny, video):
     # 6), so the stop index is strictly inside (0, max_iters).
     prot0 = np.array([t[0] for t in trajs[0]])
     thr = float(np.mean(np.sort(prot0)[5:7]))
-    cfg = cloak.CloakConfig(max_iters=12, lr=1.0, threshold=thr)
+    cfg = cloak.CloakConfig(max_iters=12, lr=1.0, threshold=thr, jitter=0.0)
     want = []
     for traj in trajs:
         hit = [i for i, (pr, vis, _) in enumerate(traj[:13]) if pr >= thr and vis <= cfg.rho]
@@ -290,7 +291,7 @@ def test_targeted_intermediate_layer_run_moves_towards_target_for_max_iters(tiny
     # network can actually produce; a pool's centroid would do the same).
     target = feat(jnp.asarray(frames[:2, ::-1], jnp.float32) / 255.0, m)
     cfg = cloak.CloakConfig(max_iters=6, threshold=-np.inf, target_threshold=0.0,
-                            targeted=True, layer="stage2")
+                            targeted=True, layer="stage2", jitter=0.0)
     protected, iters, met = cloak.cloak_faces(params, rec, frames[:2], m, jax.random.key(0), cfg,
                                               target=target)
     np.testing.assert_array_equal(iters, [6, 6])
@@ -488,3 +489,20 @@ def test_real_dlib_cloak_protects_a_real_face(data_dir):
     d = jnp.linalg.norm(emb(patch=protected[0].astype(jnp.float32) / 255.0)[0]
                         - emb(patch=jnp.asarray(patches[0], jnp.float32) / 255.0)[0])
     assert float(d) > rec.threshold
+
+
+def test_jitter_transform_is_a_small_similarity_about_the_chip_centre():
+    ident = cloak.jitter_transform(jax.random.key(0), 150, 0.0)
+    np.testing.assert_allclose(ident, np.eye(2, 3), atol=1e-6)
+    centre = np.array([74.5, 74.5])
+    for k in range(20):
+        m = np.asarray(cloak.jitter_transform(jax.random.key(k), 150, 0.03))
+        lin = m[:, :2]
+        scale = np.sqrt(np.linalg.det(lin))
+        np.testing.assert_allclose(lin @ lin.T, scale**2 * np.eye(2), atol=1e-5)  # similarity
+        assert np.exp(-0.03) - 1e-5 <= scale <= np.exp(0.03) + 1e-5
+        moved = lin @ centre + m[:, 2] - centre  # where the centre goes: the shift alone
+        assert np.all(np.abs(moved) <= 0.03 * 150 + 1e-3)
+    a = cloak.jitter_transform(jax.random.key(1), 150, 0.03)
+    b = cloak.jitter_transform(jax.random.key(2), 150, 0.03)
+    assert not np.allclose(a, b)  # fresh draws per key

@@ -6,6 +6,7 @@ measured by benchmarks/iterations_saved.py, not here.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import shutil
 
@@ -51,35 +52,72 @@ def test_cloak_video_frames_changes_only_face_patches(short_clip):
     assert 0.9 < rep["mean_ssim"] <= 1.0
 
 
-def test_cloak_video_file_resume_matches_uninterrupted(short_clip, tmp_path, monkeypatch):
+@pytest.mark.parametrize("segment", [None, 4])
+def test_cloak_video_file_resume_matches_uninterrupted(short_clip, tmp_path, monkeypatch,
+                                                       segment):
     src = synth_video.write_demo_video(tmp_path / "in.mp4", short_clip, 20)
     before = _sha(src)
-    job = cloak_video.VideoJob(chunk=4, other_model=None)
+    job = cloak_video.VideoJob(chunk=2, other_model=None, segment=segment)
     full = tmp_path / "full.mp4"
     _, rep_full = cloak_video.cloak_video(src, output=str(full), config=FAST, job=job)
 
     broken = tmp_path / "broken.mp4"
-    real_save = cloak_video._save_chunk
+    real_save = cloak_video._save_carries
     calls = []
 
-    def save_then_die(state_dir, j, *args):
-        real_save(state_dir, j, *args)
-        calls.append(j)
-        if j == 0:
-            raise KeyboardInterrupt  # the user stops the job after its first chunk
+    def save_then_die(state_dir, k, *args):
+        real_save(state_dir, k, *args)
+        calls.append(k)
+        if k == 0:
+            raise KeyboardInterrupt  # the user stops the job after its first call
 
-    monkeypatch.setattr(cloak_video, "_save_chunk", save_then_die)
+    monkeypatch.setattr(cloak_video, "_save_carries", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         cloak_video.cloak_video(src, output=str(broken), config=FAST, job=job)
     assert not broken.exists()  # nothing under the real name until complete
-    assert (tmp_path / "broken.mp4.partial" / "chunk_00000.npz").exists()
+    assert (tmp_path / "broken.mp4.partial" / "call_00000.done").exists()
     calls.clear()
     _, rep = cloak_video.cloak_video(src, output=str(broken), config=FAST, job=job)
-    assert calls == [1]  # only the unfinished chunk ran again
+    n_calls = 4 if segment is None else 2
+    assert calls == list(range(1, n_calls))  # only the unfinished calls ran again
     assert rep["iterations_per_frame"] == rep_full["iterations_per_frame"]
     np.testing.assert_array_equal(video_io.read_video(broken), video_io.read_video(full))
     assert not (tmp_path / "broken.mp4.partial").exists()
     assert _sha(src) == before
+
+
+def test_segments_run_as_parallel_chains_with_cold_heads(short_clip):
+    job = cloak_video.VideoJob(chunk=2, other_model=None)
+    whole, rep_whole = cloak_video.cloak_video(short_clip, config=FAST, job=job)
+    seg, rep_seg = cloak_video.cloak_video(short_clip, config=FAST,
+                                           job=dataclasses.replace(job, segment=4))
+    assert rep_whole["segments"] == 1 and rep_whole["chains"] == 1
+    assert rep_seg["segments"] == 2 and rep_seg["chains"] == 2
+    # Two chains of one track share each call: every call ran 2 lanes, compiled once.
+    assert rep_seg["lane_counts_compiled"] in ([2], [])  # [] when an earlier test compiled it
+    it_whole = np.asarray(rep_whole["iterations_per_frame"])
+    it_seg = np.asarray(rep_seg["iterations_per_frame"])
+    # The first segment is the same chain as the whole video's first half (same key, frames).
+    np.testing.assert_array_equal(it_seg[:4], it_whole[:4])
+    # Same arithmetic in 2 vmap lanes instead of 1: float differences may flip a rounding.
+    diff = np.abs(seg[:4].astype(np.int16) - whole[:4])
+    assert diff.max() <= 2 and np.mean(diff > 0) < 0.05
+    # Frame 4 heads a new chain: a cold start, not the warm start of the whole-video chain.
+    assert it_seg[4] >= it_whole[4]
+    assert seg.shape == short_clip.shape and np.any(seg[4:] != short_clip[4:])
+
+
+def test_schedule_windows_cover_every_frame_once():
+    from faceveil.engine import chains
+
+    for n, chunk, segment in [(10, 3, None), (10, 3, 4), (16, 4, 8), (7, 4, 100), (1, 2, 1)]:
+        sched = chains.make_schedule(n, chunk, segment)
+        assert sched.segment % chunk == 0
+        covered = [t for k in range(sched.num_calls) for _, t0, t1 in sched.windows(k)
+                   for t in range(t0, t1)]
+        assert sorted(covered) == list(range(n)), (n, chunk, segment)
+        for k in range(sched.num_calls):
+            assert all(t1 - t0 <= chunk for _, t0, t1 in sched.windows(k))
 
 
 def test_video_without_faces_is_copied_unchanged(tmp_path):
@@ -139,3 +177,11 @@ def test_cloak_cli_bad_inputs_leave_inputs_untouched(data_dir, tmp_path):
         cloak_cli.run_video(str(data_dir / "video" / "hamilton_clip.mp4"),
                             str(tmp_path / "x.png"), report_path=None, reuse="affine",
                             model="dlib", mode="low", chunk=4, max_frames=2)
+
+
+def test_default_mode_is_the_measured_config():
+    # 'mid' (the CLI default) must be what the benchmarks measure: CloakConfig's defaults.
+    assert cloak_images.config_for("mid", "dlib") == cloak.CloakConfig()
+    low, high = cloak_images.config_for("low"), cloak_images.config_for("high")
+    assert low.threshold < cloak.CloakConfig().threshold < high.threshold
+    assert low.rho < cloak.CloakConfig().rho < high.rho

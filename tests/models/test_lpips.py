@@ -14,10 +14,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from faceveil.models import lpips as lp
-from faceveil.models import store
 from PIL import Image
 
+from faceveil.models import lpips as lp
+from faceveil.models import store
 from tests.conftest import store_params
 
 SIZE = 96  # small enough for a quick CPU test, well above lp.MIN_SIZE
