@@ -31,8 +31,11 @@ from faceveil.engine import cloak, cloak_images, image_io, recognise
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "faces"
 
 
-def face_patches(recogniser, size: int, folder: Path = DATA):
-    """Returns (uint8 patches [F, size, size, 3], m_chip [F, 2, 3]) of real faces."""
+def face_patches(recogniser, size: int | None = None, folder: Path = DATA):
+    """Returns (uint8 patches [F, P, P, 3], m_chip [F, 2, 3]) of real faces.
+
+    P is `size`, or (None) the smallest patch bucket that holds every face with its margin.
+    """
     images = []
     if folder.is_dir():
         images = [image_io.read_image(p) for p in sorted(folder.rglob("*"))
@@ -41,12 +44,17 @@ def face_patches(recogniser, size: int, folder: Path = DATA):
         from faceveil.engine import demo
 
         images = [demo.default_image()]
-    patches, m_chips = [], []
+    faces = []
     for img in images:
         try:
-            _, lms, _ = recognise.largest_face(img)
+            faces.append((img, recognise.largest_face(img)[1]))
         except recognise.NoFaceError:
             continue
+    if size is None:
+        size = max(cloak.plan_track(lms[None], np.ones(1, bool), recogniser.template,
+                                    recogniser.chip_size).size for _, lms in faces)
+    patches, m_chips = [], []
+    for img, lms in faces:
         plan = cloak.plan_track(lms[None], np.ones(1, bool), recogniser.template,
                                 recogniser.chip_size, size=size)
         patches.append(cloak.crop_patches(img[None], plan.offsets, size)[0])
@@ -54,7 +62,7 @@ def face_patches(recogniser, size: int, folder: Path = DATA):
     return np.stack(patches), np.stack(m_chips)
 
 
-def measure(*, model: str = "dlib", batch: int = 64, iters: int = 40, size: int = 192,
+def measure(*, model: str = "dlib", batch: int = 64, iters: int = 40, size: int | None = None,
             repeats: int = 3, jitter: float | None = None, seed: int = 0) -> dict:
     """Returns the throughput report (module docstring)."""
     rec, params = recognise.recogniser_params(model)
@@ -81,7 +89,7 @@ def measure(*, model: str = "dlib", batch: int = 64, iters: int = 40, size: int 
     return {
         "model": model, "device": f"{dev.platform}:{dev.device_kind}", "jax": jax.__version__,
         "cpu_count": len(os.sched_getaffinity(0)), "batch": batch, "distinct_faces":
-        len(patches), "patch_size": size, "iterations_per_face": iters,
+        len(patches), "patch_size": int(patches.shape[1]), "iterations_per_face": iters,
         "all_faces_ran_all_iterations": bool((np.asarray(res.iters) == iters).all()),
         "jitter": config.jitter, "antialias": config.antialias, "compile_s": round(compile_s, 2),
         "call_s": [round(t, 3) for t in times], "faces_per_s": round(batch / step, 2),
@@ -94,7 +102,7 @@ def _define_flags() -> None:
     flags.DEFINE_string("model", "dlib", "Recogniser cloaked against.")
     flags.DEFINE_integer("batch", 64, "Faces per compiled call.")
     flags.DEFINE_integer("iters", 40, "Adadelta updates per face.")
-    flags.DEFINE_integer("size", 192, "Patch side.")
+    flags.DEFINE_integer("size", None, "Patch side (default: the bucket that holds every face).")
     flags.DEFINE_integer("repeats", 3, "Timed calls after one warm-up call (median reported).")
     flags.DEFINE_float("jitter", None, "Alignment jitter (default: the mid mode's).")
     flags.DEFINE_string("json", None, "Write the JSON report here too.")
