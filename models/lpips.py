@@ -32,8 +32,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from faceveil.models import store
 from jax.typing import ArrayLike
+
+from faceveil.models import store
 
 try:
     from numpy._core.multiarray import _reconstruct
