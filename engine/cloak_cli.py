@@ -86,7 +86,10 @@ def _headline(rep: dict) -> str:
              f"{rep.get('faces', 0)} faces cloaked against {rep['model']}")]
     if rep.get("faces"):
         lines.append(f"iterations: {rep['total_iterations']} "
-                     f"({rep['mean_iterations']:.1f} per face, reuse {rep.get('reuse')})")
+                     f"({rep['mean_iterations']:.1f} per face, reuse {rep.get('reuse')}, "
+                     f"{rep.get('chains')} chain(s) in {rep.get('segments')} segment(s); "
+                     f"compile {rep.get('compile_seconds')} s, optimise "
+                     f"{rep.get('optimise_seconds')} s)")
         lines.append(f"protection ({rep['model']}): mean {rep['mean_protection']:.3f}, "
                      f"min {rep['min_protection']:.3f}; SSIM mean {rep['mean_ssim']:.4f}")
         other = rep.get("other_model")
