@@ -9,8 +9,9 @@ batch, then cloaked by the compiled chunk function `faceveil.engine.cloak.cloak_
 with the stop threshold at infinity so every face makes exactly --iters Adadelta updates (the
 figure DESIGN.md asks for: faces/s at 40 iterations with dlib). Compilation (lower + compile)
 is timed apart; one warm-up call is not counted; results are fetched before the clock stops.
-Everything else is the default ('mid') mode, including the alignment jitter, which costs one
-extra forward pass per iteration (--jitter 0 to measure without it). Prints JSON.
+Everything else is the default ('mid') mode, including the alignment jitter: each iteration
+sees two jittered views (`CloakConfig.views`), each a forward+backward of the cloaked face and a
+forward of the clean face (--jitter 0 to measure one detected view). Prints JSON.
 """
 
 from __future__ import annotations
@@ -91,7 +92,8 @@ def measure(*, model: str = "dlib", batch: int = 64, iters: int = 40, size: int 
         "cpu_count": len(os.sched_getaffinity(0)), "batch": batch, "distinct_faces":
         len(patches), "patch_size": int(patches.shape[1]), "iterations_per_face": iters,
         "all_faces_ran_all_iterations": bool((np.asarray(res.iters) == iters).all()),
-        "jitter": config.jitter, "antialias": config.antialias, "compile_s": round(compile_s, 2),
+        "jitter": config.jitter, "views": config.views if config.jitter > 0 else 1,
+        "antialias": config.antialias, "compile_s": round(compile_s, 2),
         "call_s": [round(t, 3) for t in times], "faces_per_s": round(batch / step, 2),
         "face_iterations_per_s": round(batch * iters / step, 1),
         "mean_protection": float(np.mean(res.metrics.protection)),

@@ -13,8 +13,12 @@ first evaluation where the protection (feature distance from the clean face) rea
 uint8*: the objective is computed on the rounded patch with a straight-through gradient, so one
 forward+backward per evaluation serves both the update and the stop test. `iters` counts the
 updates made; a warm start that already passes costs 0 iterations. A face costs one forward
-pass for its clean features plus iters + 1 forward+backward evaluations (the last one
-measures the final cloak; its features become the next frame's temporal reference).
+pass for its clean features plus iters + 1 evaluations (the last one measures the final cloak;
+its features become the next frame's temporal reference). With alignment jitter
+(`CloakConfig.jitter`, `views`) an evaluation sees the face through `views` randomly jittered
+alignments at once: per view one forward+backward of the protected face and one forward of the
+clean face in that view; the update follows the views' mean gradient and the stop test needs
+every view to pass.
 
 Reuse (`CloakConfig.reuse`), between consecutive faces of one chain (track):
   'none':   every frame cold-starts from a small uniform random cloak (the baseline);
