@@ -5,7 +5,7 @@
 
 Real faces (the largest face of each photo under ../shared/data/faces, or scikit-image's
 astronaut when that folder is absent) are cut into patches of one size and repeated up to the
-batch, then cloaked by the compiled chunk function `faceveil.engine.cloak.cloak_faces` uses,
+batch, then cloaked by the compiled chunk function `faceveil.engine.methods.cloak.cloak_faces` uses,
 with the stop threshold at infinity so every face makes exactly --iters Adadelta updates (the
 figure DESIGN.md asks for: faces/s at 40 iterations with dlib). Compilation (lower + compile)
 is timed apart; one warm-up call is not counted; results are fetched before the clock stops.
@@ -27,7 +27,8 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from faceveil.engine import cloak, cloak_images, image_io, recognise
+from faceveil.engine.methods import cloak
+from faceveil.engine.pipeline import photos as cloak_images, image_io, recognise
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "faces"
 
@@ -42,7 +43,7 @@ def face_patches(recogniser, size: int | None = None, folder: Path = DATA):
         images = [image_io.read_image(p) for p in sorted(folder.rglob("*"))
                   if p.suffix.lower() in recognise.PHOTO_SUFFIXES]
     if not images:
-        from faceveil.engine import demo
+        from faceveil.engine.commands import demo
 
         images = [demo.default_image()]
     faces = []

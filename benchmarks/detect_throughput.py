@@ -66,7 +66,7 @@ def run(sizes, batch: int, repeats: int, data_dir: Path, log=print) -> dict:
     """Returns the throughput report for every (width, height) in `sizes`."""
     import jax
 
-    from faceveil.engine import detect as det_lib
+    from faceveil.engine.pipeline import detect as det_lib
 
     params = jax.device_put(det_lib.default_params())
     results = []
@@ -96,7 +96,7 @@ def run(sizes, batch: int, repeats: int, data_dir: Path, log=print) -> dict:
         results.append(row)
     dev = jax.devices()[0]
     return {
-        "benchmark": "faceveil.engine.detect.detect (MTCNN, static batched pipeline)",
+        "benchmark": "faceveil.engine.pipeline.detect.detect (MTCNN, static batched pipeline)",
         "device_kind": dev.device_kind,
         "platform": dev.platform,
         "n_devices": jax.device_count(),

@@ -4,7 +4,7 @@
         --json out/iterations_saved.json [--frames N --start S --segment L]
 
 Decodes the frames and detects them once, then cloaks them once per reuse mode through the
-library's own video pipeline (`faceveil.engine.cloak_video.cloak_video`, the code behind
+library's own video pipeline (`faceveil.engine.pipeline.video.cloak_video`, the code behind
 `faceveil cloak-video`): the same tracks, objective, stopping rule, PRNG key and chunking in
 every mode. Prints JSON keyed by mode: total iterations, iterations saved = 1 - iters(mode) /
 iters(none), protection (embedding distance clean vs protected after uint8 rounding) and SSIM
@@ -14,7 +14,7 @@ whole pipeline (detection excluded, done once). Under vmap a frame's while_loop 
 slowest lane stops, so `lockstep_iterations` (per call window, the most iterations any lane
 needed, summed) is reported beside the per-face total: that is what the time follows.
 
-The attacker's view (`faceveil.engine.protection`, DESIGN.md item "protection that works"):
+The attacker's view (`faceveil.engine.attacks.protection`, DESIGN.md item "protection that works"):
 for the modes in --attack_modes the cloaked frames are re-detected and embedded as a
 recogniser would, and compared with the person's clean references (the track's other frames;
 the labelled photos of --references), with --model and with --other_model, on the frames as
@@ -35,7 +35,8 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from faceveil.engine import cloak_images, cloak_video, protection, recognise, video_io
+from faceveil.engine.pipeline import photos as cloak_images, video as cloak_video, recognise, video_io
+from faceveil.engine.attacks import protection
 
 MODES = ("none", "copy", "affine")
 
@@ -216,7 +217,7 @@ def _main(argv):
         tmp.write_text(text + "\n")
         tmp.replace(path)
         try:
-            from faceveil.engine import report as report_lib
+            from faceveil.engine.commands import report as report_lib
 
             series = {m: np.asarray(report[m]["iterations_per_frame"]) for m in FLAGS.modes}
             png = report_lib.plot_iterations(path.with_suffix(".png"), series,

@@ -99,7 +99,7 @@ def run(data_dir: Path, max_error_px: float = 2.0, log=print) -> dict:
     import jax
 
     from faceveil.benchmarks._oracle_shims import facenet_pytorch_mtcnn
-    from faceveil.engine import detect as det_lib
+    from faceveil.engine.pipeline import detect as det_lib
 
     oracle = facenet_pytorch_mtcnn(keep_all=True)
     params = det_lib.default_params()

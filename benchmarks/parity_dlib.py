@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from faceveil.engine import align, image_io
+from faceveil.engine.pipeline import align, image_io
 from faceveil.models import dlib_resnet, store
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -247,7 +247,7 @@ def _in_dlib_chip(cd, points: np.ndarray) -> np.ndarray:
 def _mtcnn_landmarks(faces: list[Face]) -> list[np.ndarray | None]:
     # Our MTCNN on each photo once; a dlib face takes the MTCNN face whose eye centres are
     # nearest its 68-point eye centres (None if none is within a third of the eye distance).
-    from faceveil.engine import detect
+    from faceveil.engine.pipeline import detect
 
     by_image: dict[str, np.ndarray] = {}
     out = []

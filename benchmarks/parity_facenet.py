@@ -29,7 +29,7 @@ import numpy as np
 from absl import app, flags
 from PIL import Image, ImageOps
 
-from faceveil.engine import align
+from faceveil.engine.pipeline import align
 from faceveil.models import facenet, store
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

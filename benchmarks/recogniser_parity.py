@@ -18,7 +18,7 @@ from pathlib import Path
 
 from absl import app, flags
 
-from faceveil.engine import image_io
+from faceveil.engine.pipeline import image_io
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 FLAGS = flags.FLAGS

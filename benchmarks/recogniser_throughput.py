@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from faceveil.engine import image_io
+from faceveil.engine.pipeline import image_io
 from faceveil.models import registry
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from absl import app, flags
 
-from faceveil.engine import image_io, recognise
+from faceveil.engine.pipeline import image_io, recognise
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")

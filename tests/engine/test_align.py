@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from faceveil.engine import align
+from faceveil.engine.pipeline import align
 
 
 def _rand_similarity(rng):

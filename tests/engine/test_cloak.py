@@ -22,7 +22,8 @@ import optax
 import pytest
 from PIL import Image
 
-from faceveil.engine import align, cloak
+from faceveil.engine.pipeline import align
+from faceveil.engine.methods import cloak
 from faceveil.losses import objectives, perceptual
 from faceveil.models.registry import Recogniser
 
@@ -458,10 +459,10 @@ def test_plan_crop_paste_round_trip():
 
 
 @pytest.mark.skipif(importlib.util.find_spec("faceveil.models.dlib_resnet") is None
-                    or importlib.util.find_spec("faceveil.engine.detect") is None,
+                    or importlib.util.find_spec("faceveil.engine.pipeline.detect") is None,
                     reason="the dlib ResNet port or the MTCNN detector is not written yet")
 def test_real_dlib_cloak_protects_a_real_face(data_dir):
-    from faceveil.engine import detect
+    from faceveil.engine.pipeline import detect
     from faceveil.models import registry
     from tests.conftest import store_params
 

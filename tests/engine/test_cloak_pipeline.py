@@ -13,7 +13,8 @@ import shutil
 import numpy as np
 import pytest
 
-from faceveil.engine import cloak, cloak_images, cloak_video, image_io, synth_video, video_io
+from faceveil.engine.methods import cloak
+from faceveil.engine.pipeline import photos as cloak_images, video as cloak_video, image_io, synth_video, video_io
 
 FAST = cloak.CloakConfig(max_iters=3, threshold=0.75, reuse="affine")
 
@@ -108,7 +109,7 @@ def test_segments_run_as_parallel_chains_with_cold_heads(short_clip):
 
 
 def test_schedule_windows_cover_every_frame_once():
-    from faceveil.engine import chains
+    from faceveil.engine.pipeline import chains
 
     for n, chunk, segment in [(10, 3, None), (10, 3, 4), (16, 4, 8), (7, 4, 100), (1, 2, 1)]:
         sched = chains.make_schedule(n, chunk, segment)
@@ -161,7 +162,7 @@ def test_cloak_images_two_faces_in_one_call(data_dir):
 
 
 def test_cloak_cli_bad_inputs_leave_inputs_untouched(data_dir, tmp_path):
-    from faceveil.engine import cloak_cli
+    from faceveil.engine.commands import cloak_cli
 
     good = tmp_path / "face.jpg"
     shutil.copy(data_dir / "faces" / "obama" / "obama1.jpg", good)

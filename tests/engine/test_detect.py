@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from faceveil.engine import detect as D
-from faceveil.engine import pyramid
+from faceveil.engine.pipeline import detect as D
+from faceveil.engine.pipeline import pyramid
 from tests.conftest import store_params
 
 CANVAS = (480, 640)  # (H, W) of every test frame

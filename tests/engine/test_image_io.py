@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from faceveil.engine import image_io
-from faceveil.engine.image_io import InputError, OutputError
+from faceveil.engine.pipeline import image_io
+from faceveil.engine.pipeline.image_io import InputError, OutputError
 
 JPEG = "faces/obama/obama1_240p.jpg"  # 427x240, RGB
 RGBA_PNG = "faces/alex_lacamoire/alex2.png"  # 424x394, RGBA, alpha 255 everywhere

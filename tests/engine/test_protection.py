@@ -1,11 +1,12 @@
-"""The attacker's view of a cloaked video: references, matching, fractions (faceveil.engine.protection)."""
+"""The attacker's view of a cloaked video: references, matching, fractions (faceveil.engine.attacks.protection)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from faceveil.engine import protection, recognise
+from faceveil.engine.attacks import protection
+from faceveil.engine.pipeline import recognise
 
 
 def _unit(v):
@@ -69,7 +70,7 @@ def test_photo_gallery_names_identities_by_folder(data_dir):
 
 def test_clean_video_is_not_protected(data_dir):
     """The clean clip against its own references: nearly every face is recognised."""
-    from faceveil.engine import cloak_video, track, video_io
+    from faceveil.engine.pipeline import video as cloak_video, track, video_io
 
     clip = video_io.read_video(data_dir / "video" / "hamilton_clip.mp4", limit=16)
     det = protection.detect_frames(clip)

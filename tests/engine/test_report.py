@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from faceveil.engine import image_io, report
+from faceveil.engine.pipeline import image_io
+from faceveil.engine.commands import report
 
 # Colours the plots promise (report._MODE_COLOURS / _COLD_COLOUR), as RGB.
 AFFINE_BLUE = (0x1F, 0x77, 0xB4)

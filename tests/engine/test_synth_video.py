@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from skimage import data
 
-from faceveil.engine import align, synth_video, video_io
+from faceveil.engine.pipeline import align, synth_video, video_io
 
 # A small clip keeps the file quick; at 180 x 320 the camera still magnifies the photo (~0.8x
 # zoom), so resampling errors stay at the level of the full-size demo.

@@ -8,7 +8,7 @@ import importlib.util
 import numpy as np
 import pytest
 
-from faceveil.engine import track as track_lib
+from faceveil.engine.pipeline import track as track_lib
 
 
 @dataclasses.dataclass
@@ -106,15 +106,15 @@ def test_no_faces_gives_no_tracks():
     assert tr.num_tracks == 0 and tr.slots.shape == (0, 5)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("faceveil.engine.detect") is None,
-                    reason="the MTCNN detector module faceveil.engine.detect is not written yet")
+@pytest.mark.skipif(importlib.util.find_spec("faceveil.engine.pipeline.detect") is None,
+                    reason="the MTCNN detector module faceveil.engine.pipeline.detect is not written yet")
 def test_real_multi_face_photo_as_moving_video(data_dir):
     # A 10-frame synthetic video: the shared multi-face photo slowly translated and zoomed with
     # align.warp; every face the detector finds in frame 0 must be one unbroken track.
     import jax.numpy as jnp
     from PIL import Image
 
-    from faceveil.engine import align, detect
+    from faceveil.engine.pipeline import align, detect
 
     img = np.asarray(Image.open(data_dir / "multi" / "kit_with_rose.jpg").convert("RGB"))
     img = img.astype(np.float32) / 255.0

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from faceveil.benchmarks import parity_dlib
-from faceveil.engine import align
+from faceveil.engine.pipeline import align
 from faceveil.models import dlib_format, dlib_resnet, registry, store
 from tests.conftest import store_params
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from faceveil.benchmarks import parity_facenet as pf
-from faceveil.engine import align
+from faceveil.engine.pipeline import align
 from faceveil.models import facenet, registry, store, tf_graph
 from tests.conftest import store_params
 

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from faceveil.engine import cloak, cloak_images, cloak_video, image_io, report, video_io
+from faceveil.engine.methods import cloak
+from faceveil.engine.pipeline import photos as cloak_images, video as cloak_video, image_io, video_io
+from faceveil.engine.commands import report
 
 
 def _face_crop(frame: np.ndarray, box: np.ndarray, margin: float = 0.25) -> np.ndarray:

@@ -57,7 +57,7 @@ def _cmd_fetch_weights(args):
 
 
 def _cmd_detect(args):
-    from faceveil.engine import detect_cli
+    from faceveil.engine.commands import detect_cli
 
     if args:
         raise UserError(f"detect takes no positional arguments (got {args}); use --input")
@@ -68,7 +68,7 @@ def _cmd_detect(args):
 
 
 def _cmd_compare(args):
-    from faceveil.engine import compare
+    from faceveil.engine.commands import compare
 
     if len(args) != 2:
         raise UserError("compare needs exactly two images: faceveil compare IMAGE_A IMAGE_B")
@@ -77,7 +77,7 @@ def _cmd_compare(args):
 
 
 def _cmd_cloak(args):
-    from faceveil.engine import cloak_cli
+    from faceveil.engine.commands import cloak_cli
 
     if not FLAGS.out:
         raise UserError("cloak needs --out DIR for the cloaked images")
@@ -88,7 +88,7 @@ def _cmd_cloak(args):
 
 
 def _cmd_cloak_video(args):
-    from faceveil.engine import cloak_cli
+    from faceveil.engine.commands import cloak_cli
 
     if args:
         raise UserError(f"cloak-video takes no positional arguments (got {args})")
@@ -101,7 +101,7 @@ def _cmd_cloak_video(args):
 
 
 def _cmd_demo(args):
-    from faceveil.engine import demo
+    from faceveil.engine.commands import demo
 
     del args
     demo.run(FLAGS.out or "out/demo")
@@ -119,7 +119,7 @@ _HANDLERS = {
 
 def _main(argv):
     command, args = argv[1], argv[2:]
-    from faceveil.engine.image_io import InputError
+    from faceveil.engine.pipeline.image_io import InputError
     from faceveil.models.store import StoreError
 
     try:

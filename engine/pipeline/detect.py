@@ -4,7 +4,7 @@
 exactly the semantics of facenet-pytorch's `MTCNN.detect` (facenet-pytorch 2.6.0, its
 `detect_face`), the reference implementation we check parity against:
 
-1. P-Net on every pyramid level (area-resampled, see `faceveil.engine.pyramid`); cells with
+1. P-Net on every pyramid level (area-resampled, see `faceveil.engine.pipeline.pyramid`); cells with
    p >= t0 become 12x12 boxes; greedy NMS (IoU > 0.5 suppresses) per level, then 0.7 across
    levels; box regression with w = x2 - x1; squared up ("rerec").
 2. R-Net on 24x24 area-resized crops img[y-1:ey, x-1:ex]; keep p > t1; NMS 0.7 on the input
@@ -40,7 +40,7 @@ import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
-from faceveil.engine import pyramid
+from faceveil.engine.pipeline import pyramid
 from faceveil.models import mtcnn
 
 # Full float32 precision in the nets, so results agree with the CPU reference on any backend

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from faceveil.engine import align, image_io
+from faceveil.engine.pipeline import align, image_io
 
 
 class NoFaceError(image_io.InputError):
@@ -71,7 +71,7 @@ def detect_photo(image: np.ndarray, *, max_side: int = PHOTO_MAX_SIDE,
     """
     from PIL import Image
 
-    from faceveil.engine.detect import detect
+    from faceveil.engine.pipeline.detect import detect
 
     h, w = image.shape[:2]
     s = min(1.0, max_side / max(h, w))

@@ -22,7 +22,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from faceveil.engine import cloak, image_io, recognise
+from faceveil.engine.methods import cloak
+from faceveil.engine.pipeline import image_io, recognise
 
 # Visual budget (DSSIM rho), stop distance (a multiple of the recogniser's same-person
 # threshold) and iteration cap of the named modes. 'mid', the default, is CloakConfig's

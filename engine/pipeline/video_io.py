@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from faceveil.engine.image_io import InputError
+from faceveil.engine.pipeline.image_io import InputError
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v")
 

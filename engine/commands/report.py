@@ -26,7 +26,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from faceveil.engine import image_io
+from faceveil.engine.pipeline import image_io
 
 _DPI = 100
 _COLD_COLOUR = "#d62728"  # red: cold starts

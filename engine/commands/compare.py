@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from faceveil.engine import image_io, recognise
+from faceveil.engine.pipeline import image_io, recognise
 
 
 def compare_files(path_a: str, path_b: str, *, model: str = "dlib") -> dict:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from faceveil.engine import cloak_cli, synth_video
+from faceveil.engine.commands import cloak_cli
+from faceveil.engine.pipeline import synth_video
 
 
 def default_image():

@@ -2,9 +2,9 @@
 
 Two passes over the frames:
   1. detection: frames are decoded in chunks, detected in one compiled call per chunk, and the
-     per-frame detections linked into tracks (`faceveil.engine.track`);
+     per-frame detections linked into tracks (`faceveil.engine.pipeline.track`);
   2. cloaking: frames are decoded again (a background thread keeps the next call's frames
-     ready), and `faceveil.engine.chains.ChainRunner` runs every chain (a track, or a segment
+     ready), and `faceveil.engine.pipeline.chains.ChainRunner` runs every chain (a track, or a segment
      of one) present in the call's frame windows as one compiled call (vmap over chains, scan
      over frames, while_loop with early stop per frame), adds the cloaks back into the frames,
      and the frames go to the encoder (a second background thread) in order.
@@ -35,7 +35,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from faceveil.engine import chains, cloak, image_io, track, video_io
+from faceveil.engine.pipeline import chains, image_io, track, video_io
+from faceveil.engine.methods import cloak
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +61,7 @@ def _progress(msg: str, end: str = "\n") -> None:
 
 def detect_all(source, info_frames: int, job: VideoJob):
     """Returns (detections as numpy dict [T, K, ...], number of frames) of a whole video."""
-    from faceveil.engine.detect import detect
+    from faceveil.engine.pipeline.detect import detect
 
     parts = []
     done = 0
@@ -339,7 +340,7 @@ def _detections(source, n_total, job, state_dir, state_key, given):
 
 def _runner(det, tracks, config, job, n_frames):
     """Returns (ChainRunner over the tracks, landmarks [tracks, T, 5, 2])."""
-    from faceveil.engine import recognise
+    from faceveil.engine.pipeline import recognise
 
     rec, params = recognise.recogniser_params(job.model)
     lms_t = tracks.gather(det["landmarks"])
@@ -405,7 +406,7 @@ class _OtherModel:
     """Cross-model figure: distance between clean and protected faces for a second model."""
 
     def __init__(self, name: str):
-        from faceveil.engine import recognise
+        from faceveil.engine.pipeline import recognise
 
         self.name = name
         self.rec, self.params = recognise.recogniser_params(name)
@@ -413,7 +414,7 @@ class _OtherModel:
 
     def measure(self, frames, protected, t0, lms_t, mask):
         """Adds the distances of the faces in frames [t0, t0 + n) (mask [tracks, T])."""
-        from faceveil.engine import protection
+        from faceveil.engine.attacks import protection
 
         sl = slice(t0, t0 + frames.shape[0])
         m = mask[:, sl]

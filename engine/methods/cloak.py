@@ -57,7 +57,7 @@ import optax
 from jax import lax
 from jax.typing import ArrayLike
 
-from faceveil.engine import align
+from faceveil.engine.pipeline import align
 from faceveil.losses import objectives
 
 REUSE_MODES = ("none", "copy", "affine")

@@ -1,10 +1,10 @@
 """Face tracking across video frames: greedy IoU / landmark-distance matching on the host.
 
-Input is the detector's per-frame output (`faceveil.engine.detect.Detections`, or any object
+Input is the detector's per-frame output (`faceveil.engine.pipeline.detect.Detections`, or any object
 with `boxes [N, K, 4]` as (x1, y1, x2, y2) pixels, `landmarks [N, K, 5, 2]` and `valid [N, K]`).
 Output is a `Tracks`: for every track the detection slot it uses in every frame (-1 where the
 track has no face), as a dense [tracks, frames] array plus mask, ready to be gathered into the
-per-track chains that `faceveil.engine.cloak` runs side by side under `vmap`.
+per-track chains that `faceveil.engine.methods.cloak` runs side by side under `vmap`.
 
 Matching, frame by frame: every live track is compared with every detection of the new frame by
 the IoU of its last box and by the mean distance of the five landmarks divided by the box

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from faceveil.engine import cloak
+from faceveil.engine.methods import cloak
 
 LANE_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 

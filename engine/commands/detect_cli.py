@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-from faceveil.engine import image_io, video_io
+from faceveil.engine.pipeline import image_io, video_io
 
 LANDMARK_NAMES = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
 
@@ -51,7 +51,7 @@ def annotate(image: np.ndarray, faces: list[dict]) -> np.ndarray:
 
 
 def _detect_frames(frames: np.ndarray, min_score: float):
-    from faceveil.engine.detect import detect
+    from faceveil.engine.pipeline.detect import detect
 
     det = detect(frames)
     return [faces_as_dicts(det, i, min_score) for i in range(frames.shape[0])]
@@ -67,7 +67,7 @@ def run(input_path: str, *, output: str | None = None, json_path: str | None = N
     if video_io.is_video(input_path):
         report = _run_video(input_path, output, min_score)
     else:
-        from faceveil.engine import recognise
+        from faceveil.engine.pipeline import recognise
 
         image = image_io.read_image(input_path)
         faces = face_dicts(*recognise.detect_photo(image), min_score)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from faceveil.engine import recognise, track
+from faceveil.engine.pipeline import recognise, track
 
 REFERENCES = ("centroid", "nearest_frame", "photo")
 
@@ -178,7 +178,7 @@ def evaluate(clean_frames: np.ndarray, cloaked_frames: np.ndarray, landmarks: np
 
 def detect_frames(frames: np.ndarray, *, chunk: int = 16, min_score: float = 0.9) -> dict:
     """Returns the detector's numpy output {boxes, landmarks, valid, scores} on frames."""
-    from faceveil.engine import cloak_video
+    from faceveil.engine.pipeline import video as cloak_video
 
     det, _ = cloak_video.detect_all(frames, frames.shape[0], cloak_video.VideoJob(
         chunk=chunk, min_score=min_score, min_face=0.0))

@@ -3,7 +3,7 @@
 The demo of the video cloaking job (DESIGN.md method 1) needs a clip with a real face that
 moves the way faces move in video: a little translation, in-plane rotation, zoom, and a slow
 change of light. `make_demo_video` films one photo with a virtual camera: every frame is a
-similarity warp of the photo (`faceveil.engine.align.warp`, bilinear, jit + vmap over frames)
+similarity warp of the photo (`faceveil.engine.pipeline.align.warp`, bilinear, jit + vmap over frames)
 followed by a brightness gain and a gamma, all driven by sums of low-frequency sinusoids, so
 consecutive frames are related by near-identity similarity maps: exactly the setting where
 warping the previous frame's cloak by the landmark affine pays off.
@@ -32,7 +32,7 @@ import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
-from faceveil.engine import align, video_io
+from faceveil.engine.pipeline import align, video_io
 
 # Centre of the face (between the eyes and the mouth) in scikit-image's astronaut photo
 # (skimage.data.astronaut(), 512 x 512), the demo's default image; read off the picture.

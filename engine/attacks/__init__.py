@@ -1,0 +1,1 @@
+"""Attacks that judge whether a protection works (the attacker's view)."""

@@ -1,0 +1,1 @@
+"""The `faceveil` command line: thin absl layers over the library calls."""
