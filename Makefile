@@ -3,15 +3,18 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Every install is pinned to the exact versions of constraints.txt, build tools included
+# (--build-constraint pins what pip puts into the isolated build of faceveil itself).
+PIP := $(BIN)/python -m pip install -q -c constraints.txt
 
 .PHONY: demo test install test-install weights lint wheel-check clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
+	$(PIP) --upgrade pip setuptools wheel
 
-$(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q -e '.[demo]'
+$(STAMP): pyproject.toml constraints.txt | $(BIN)/python
+	$(PIP) --build-constraint constraints.txt -e '.[demo]'
 	touch $@
 
 install: $(STAMP)
@@ -19,9 +22,9 @@ install: $(STAMP)
 # Oracles for parity tests: CPU torch (installs offline from the local wheel) and facenet-pytorch
 # without its dependencies (it would pull torchvision, which has no CPU wheel here).
 $(VENV)/.test-installed: $(STAMP)
-	$(BIN)/python -m pip install -q -e '.[test,demo]'
-	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q --no-deps facenet-pytorch==2.6.0
+	$(PIP) --build-constraint constraints.txt -e '.[test,demo]'
+	$(PIP) torch==2.13.0
+	$(PIP) --no-deps facenet-pytorch==2.6.0
 	touch $@
 
 test-install: $(VENV)/.test-installed

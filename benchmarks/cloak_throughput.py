@@ -5,7 +5,7 @@
 
 Real faces (the largest face of each photo under ../shared/data/faces, or scikit-image's
 astronaut when that folder is absent) are cut into patches of one size and repeated up to the
-batch, then cloaked by the compiled chunk function `faceveil.engine.methods.cloak.cloak_faces` uses,
+batch, then cloaked by the compiled chunk function `faceveil.engine.methods.base.solve_faces` uses,
 with the stop threshold at infinity so every face makes exactly --iters Adadelta updates (the
 figure DESIGN.md asks for: faces/s at 40 iterations with dlib). Compilation (lower + compile)
 is timed apart; one warm-up call is not counted; results are fetched before the clock stops.
@@ -24,11 +24,13 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from faceveil.engine.methods import cloak
-from faceveil.engine.pipeline import photos as cloak_images, image_io, recognise
+from faceveil.engine.methods import base, cloak
+from faceveil.engine.pipeline import faces as face_pipeline
+from faceveil.engine.pipeline import image_io, recognise
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "faces"
 
@@ -53,13 +55,12 @@ def face_patches(recogniser, size: int | None = None, folder: Path = DATA):
         except recognise.NoFaceError:
             continue
     if size is None:
-        size = max(cloak.plan_track(lms[None], np.ones(1, bool), recogniser.template,
-                                    recogniser.chip_size).size for _, lms in faces)
+        size = max(face_pipeline.plan_faces(lms[None], np.ones(1, bool), recogniser).size
+                   for _, lms in faces)
     patches, m_chips = [], []
     for img, lms in faces:
-        plan = cloak.plan_track(lms[None], np.ones(1, bool), recogniser.template,
-                                recogniser.chip_size, size=size)
-        patches.append(cloak.crop_patches(img[None], plan.offsets, size)[0])
+        plan = face_pipeline.plan_faces(lms[None], np.ones(1, bool), recogniser, size=size)
+        patches.append(face_pipeline.crop_patches(img[None], plan.offsets, size)[0])
         m_chips.append(plan.m_chip[0])
     return np.stack(patches), np.stack(m_chips)
 
@@ -68,23 +69,30 @@ def measure(*, model: str = "dlib", batch: int = 64, iters: int = 40, size: int 
             repeats: int = 3, jitter: float | None = None, seed: int = 0) -> dict:
     """Returns the throughput report (module docstring)."""
     rec, params = recognise.recogniser_params(model)
-    config = cloak_images.config_for("mid", model)
+    config = cloak.preset("mid", rec)
     config = dataclasses.replace(config, threshold=math.inf, max_iters=iters)
     if jitter is not None:
         config = dataclasses.replace(config, jitter=jitter)
     patches, m_chip = face_patches(rec, size)
     take = np.arange(batch) % len(patches)
-    frames, carry, target = cloak.still_inputs(params, rec, patches[take], m_chip[take],
-                                               jax.random.PRNGKey(seed), config)
-    fn = cloak.chunk_fn(rec, config)
+    method = cloak.CloakMethod(rec, config)
+    frames = base.still_frames(patches[take], m_chip[take])
+    carry = base.init_carry(method, params, jax.random.split(jax.random.PRNGKey(seed), batch),
+                            int(patches.shape[1]))
+    target = base.empty_target(method, params, batch, int(patches.shape[1]))
+    fn = base.chunk_fn(method)
     t0 = time.perf_counter()
     exe = fn.lower(params, frames, carry, target).compile()
     compile_s = time.perf_counter() - t0
-    _, res = jax.device_get(exe(params, frames, carry, target))  # warm-up
+    def fresh():  # the carry is donated on accelerators: each call gets its own copy
+        return jax.block_until_ready(jax.tree.map(jnp.copy, carry))
+
+    _, res = jax.device_get(exe(params, frames, fresh(), target))  # warm-up
     times = []
     for _ in range(repeats):
+        c = fresh()
         t0 = time.perf_counter()
-        _, res = jax.device_get(exe(params, frames, carry, target))
+        _, res = jax.device_get(exe(params, frames, c, target))
         times.append(time.perf_counter() - t0)
     step = float(np.median(times))
     dev = jax.devices()[0]

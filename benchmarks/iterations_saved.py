@@ -35,8 +35,9 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from faceveil.engine.pipeline import photos as cloak_images, video as cloak_video, recognise, video_io
 from faceveil.engine.attacks import protection
+from faceveil.engine.methods import cloak
+from faceveil.engine.pipeline import chains, recognise, video, video_io
 
 MODES = ("none", "copy", "affine")
 
@@ -80,13 +81,15 @@ def lockstep(iters: np.ndarray, schedule) -> int:
     return total
 
 
-def summarise(runs: dict, mask: np.ndarray, max_iters: int, schedule) -> dict:
+def summarise(runs: dict, mask: np.ndarray, max_iters: int, schedule,
+              attacks: dict | None = None) -> dict:
     """Returns the JSON-ready per-mode summary, savings relative to 'none' when it ran."""
     base = runs.get("none")
+    attacks = attacks or {}
     out = {}
     for mode, r in runs.items():
-        it = np.where(mask, r["_iters"], 0)
-        m = r["_metrics"]
+        it = np.where(mask, r.iterations, 0)
+        m = r.metrics
         prot, ssim = m["protection"][mask], m["ssim"][mask]
         s = {
             "faces": int(mask.sum()),
@@ -97,23 +100,23 @@ def summarise(runs: dict, mask: np.ndarray, max_iters: int, schedule) -> dict:
             "passed_fraction": float(m["passed"][mask].mean()),
             "protection_mean": float(prot.mean()), "protection_min": float(prot.min()),
             "ssim_mean": float(ssim.mean()), "ssim_min": float(ssim.min()),
-            "optimise_s": r["optimise_seconds"], "compile_s": r["compile_seconds"],
-            "wall_s": r["wall_seconds"],
-            "face_iterations_per_s": float(it.sum() / r["optimise_seconds"])
-            if r["optimise_seconds"] > 0 else None,
+            "optimise_s": round(r.optimise_seconds, 3), "compile_s": round(r.compile_seconds, 3),
+            "wall_s": round(r.wall_seconds, 3),
+            "face_iterations_per_s": float(it.sum() / r.optimise_seconds)
+            if r.optimise_seconds > 0 else None,
             "iterations_per_frame": it.sum(axis=0).tolist()}
         if base is not None:
-            b_it = np.where(mask, base["_iters"], 0)
+            b_it = np.where(mask, base.iterations, 0)
             s["iterations_saved"] = 1.0 - s["total_iterations"] / max(int(b_it.sum()), 1)
             s["lockstep_saved"] = 1.0 - s["lockstep_iterations"] / max(lockstep(b_it, schedule),
                                                                         1)
-            s["time_saved"] = 1.0 - r["optimise_seconds"] / base["optimise_seconds"]
-            s["wall_time_saved"] = 1.0 - r["wall_seconds"] / base["wall_seconds"]
-            b_m = base["_metrics"]
+            s["time_saved"] = 1.0 - r.optimise_seconds / base.optimise_seconds
+            s["wall_time_saved"] = 1.0 - r.wall_seconds / base.wall_seconds
+            b_m = base.metrics
             s["protection_vs_none"] = s["protection_mean"] / float(b_m["protection"][mask].mean())
             s["ssim_minus_none"] = s["ssim_mean"] - float(b_m["ssim"][mask].mean())
-        if "attack" in r:
-            s["attack"] = r["attack"]
+        if mode in attacks:
+            s["attack"] = attacks[mode]
         out[mode] = s
     return out
 
@@ -127,9 +130,10 @@ def h264_round_trip(frames: np.ndarray, fps: float) -> np.ndarray:
         return video_io.read_video(path)
 
 
-def attack(clip, versions: dict, rep: dict, models, gallery_paths, cache: dict) -> dict:
+def attack(clip, versions: dict, result: video.VideoResult, models, gallery_paths,
+           cache: dict) -> dict:
     """Returns {version: {model: attacker's-view summary}} for cloaked versions of the clip."""
-    lms, boxes, mask = rep["_landmarks"], rep["_boxes"], rep["_mask"]
+    lms, boxes, mask = result.landmarks, result.boxes, result.mask
     out = {}
     for name, frames in versions.items():
         det = protection.detect_frames(frames)
@@ -138,7 +142,7 @@ def attack(clip, versions: dict, rep: dict, models, gallery_paths, cache: dict) 
             if model not in cache:  # clean embeddings and gallery: once per model
                 gallery = (recognise.photo_gallery(gallery_paths, model)
                            if gallery_paths else None)
-                cache[model] = (protection.track_embeddings(clip, lms, mask, model), gallery)
+                cache[model] = (recognise.track_embeddings(clip, lms, mask, model), gallery)
             clean, gallery = cache[model]
             out[name][model] = protection.evaluate(
                 clip, frames, lms, boxes, mask, model=model, gallery=gallery, detections=det,
@@ -148,46 +152,46 @@ def attack(clip, versions: dict, rep: dict, models, gallery_paths, cache: dict) 
     return out
 
 
-def measure(video: str, *, start: int = 0, frames: int | None = None, model: str = "dlib",
+def measure(path: str, *, start: int = 0, frames: int | None = None, model: str = "dlib",
             mode: str = "mid",
             other_model: str | None = "facenet", modes=MODES, attack_modes=("affine",),
             references=(), chunk: int = 16, segment: int | None = None, seed: int = 0,
             min_score: float = 0.9, min_face: float = 40.0, **config_overrides) -> dict:
     """Returns the benchmark report: {mode: summary, ..., 'setup': what was measured}."""
     t0 = time.perf_counter()
-    clip = np.concatenate(list(video_io.iter_chunks(video, 64, start=start, limit=frames)))
-    fps = video_io.probe(video).fps
+    clip = np.concatenate(list(video_io.iter_chunks(path, 64, start=start, limit=frames)))
+    fps = video_io.probe(path).fps
     _progress(f"decoded {len(clip)} frames {clip.shape[1:3]} in {time.perf_counter() - t0:.1f} s")
-    job = cloak_video.VideoJob(model=model, other_model=None, chunk=chunk, min_score=min_score,
-                               min_face=min_face, seed=seed, segment=segment)
+    job = video.VideoJob(model=model, other_model=None, chunk=chunk, min_score=min_score,
+                         min_face=min_face, seed=seed, segment=segment)
     t0 = time.perf_counter()
-    det, _ = cloak_video.detect_all(clip, len(clip), job)
+    det = video.find_faces(clip, job, len(clip))
     _progress(f"detected in {time.perf_counter() - t0:.1f} s")
     overrides = {k: v for k, v in config_overrides.items() if v is not None}
-    base = cloak_images.config_for(mode, model, **overrides)
-    runs, cache = {}, {}
+    base = cloak.preset(mode, model, **overrides)
+    runs, attacks, cache = {}, {}, {}
     models = [m for m in (model, other_model) if m]
     for reuse in modes:
         cfg = dataclasses.replace(base, reuse=reuse)
         _progress(f"reuse {reuse}:")
-        out, rep = cloak_video.cloak_video(clip, config=cfg, job=job, detections=det)
-        if rep["tracks"] == 0:
-            raise SystemExit(f"{video}: no face track in frames {start}..{start + len(clip) - 1}")
+        res = video.cloak_video(clip, config=cfg, job=job, detections=det)
+        if res.faces.tracks.num_tracks == 0:
+            raise SystemExit(f"{path}: no face track in frames {start}..{start + len(clip) - 1}")
         if reuse in attack_modes:
-            versions = {"frames": out, "h264": h264_round_trip(out, fps)}
-            rep["attack"] = attack(clip, versions, rep, models, list(references), cache)
-        runs[reuse] = rep
+            versions = {"frames": res.frames, "h264": h264_round_trip(res.frames, fps)}
+            attacks[reuse] = attack(clip, versions, res, models, list(references), cache)
+        runs[reuse] = res
     r0 = runs[modes[0]]
-    sched = cloak_video.chains.make_schedule(len(clip), chunk, segment)
-    report = summarise(runs, r0["_mask"], base.max_iters, sched)
-    mask = r0["_mask"]
+    sched = chains.make_schedule(len(clip), chunk, segment)
+    report = summarise(runs, r0.mask, base.max_iters, sched, attacks)
+    mask = r0.mask
     report["setup"] = {
-        "video": str(video), "start": start, "frames": len(clip), "model": model, "mode": mode,
+        "video": str(path), "start": start, "frames": len(clip), "model": model, "mode": mode,
         "other_model": other_model, "references": list(references),
         "tracks": int(mask.shape[0]), "faces_per_track": mask.sum(axis=1).tolist(),
         "track_spans": [[int(np.flatnonzero(m)[0]) + start, int(np.flatnonzero(m)[-1]) + start]
                         for m in mask],
-        "segments": r0["segments"], "chains": r0["chains"],
+        "segments": r0.segments, "chains": r0.chains,
         "chunk": chunk, "segment": segment, "seed": seed, "backend": jax.default_backend(),
         "device": str(jax.devices()[0]), "config": dataclasses.asdict(base) | {"reuse": None}}
     return report

@@ -1,4 +1,4 @@
-"""Shared pytest fixtures: strict JAX numerics, the shared data folder, the weight store."""
+"""Shared pytest fixtures: strict JAX numerics, the test data folder, the weight store."""
 
 from __future__ import annotations
 
@@ -12,14 +12,16 @@ import pytest
 jax.config.update("jax_default_matmul_precision", "highest")
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("FACEVEIL_DATA", REPO.parent / "shared" / "data"))
+# tests/data: small copies of the real photos and video the tests read (see its README.md);
+# FACEVEIL_DATA may point the tests at another folder with the same layout.
+DATA = Path(os.environ.get("FACEVEIL_DATA", REPO / "tests" / "data"))
 
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
-    """Returns ../shared/data (real faces, multi-face photos, the video)."""
+    """Returns tests/data (real faces, multi-face photos, the video), or $FACEVEIL_DATA."""
     if not DATA.is_dir():
-        pytest.fail(f"{DATA}: the shared test data is missing (tests read ../shared/data)")
+        pytest.fail(f"{DATA}: the test data folder is missing")
     return DATA
 
 

@@ -24,31 +24,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from faceveil.engine.pipeline import recognise, track
+from faceveil.engine.pipeline import faces, recognise, track
 
 REFERENCES = ("centroid", "nearest_frame", "photo")
-
-
-def track_embeddings(frames: np.ndarray, landmarks: np.ndarray, mask: np.ndarray,
-                     model: str = "dlib") -> np.ndarray:
-    """Returns [C, T, D] embeddings of the tracked faces (NaN where a track has no face).
-
-    Args:
-      frames: uint8 [T, H, W, 3].
-      landmarks: [C, T, 5, 2] frame-pixel landmarks of the C tracks.
-      mask: [C, T] bool, where the tracks have a face.
-      model: recogniser name.
-    """
-    out = None
-    for t in range(frames.shape[0]):
-        faces = np.flatnonzero(mask[:, t])
-        if not faces.size:
-            continue
-        emb, _ = recognise.embed_faces(frames[t], landmarks[faces, t], model)
-        if out is None:
-            out = np.full(mask.shape + (emb.shape[1],), np.nan, np.float32)
-        out[faces, t] = emb
-    return out if out is not None else np.full(mask.shape + (1,), np.nan, np.float32)
 
 
 def attacker_landmarks(detections: dict, boxes: np.ndarray, mask: np.ndarray, *,
@@ -169,8 +147,8 @@ def evaluate(clean_frames: np.ndarray, cloaked_frames: np.ndarray, landmarks: np
         detections = detect_frames(cloaked_frames, min_score=min_score)
     att_lms, found = attacker_landmarks(detections, boxes, mask, min_score=min_score)
     if clean is None:
-        clean = track_embeddings(clean_frames, landmarks, mask, model)
-    attacked = track_embeddings(cloaked_frames, att_lms, mask & found, model)
+        clean = recognise.track_embeddings(clean_frames, landmarks, mask, model)
+    attacked = recognise.track_embeddings(cloaked_frames, att_lms, mask & found, model)
     dist, who = reference_distances(clean, attacked, found, mask, gallery, rec.threshold)
     return summarise(dist, found, mask, rec.threshold) | {
         "model": model, "track_identities": who}
@@ -178,8 +156,4 @@ def evaluate(clean_frames: np.ndarray, cloaked_frames: np.ndarray, landmarks: np
 
 def detect_frames(frames: np.ndarray, *, chunk: int = 16, min_score: float = 0.9) -> dict:
     """Returns the detector's numpy output {boxes, landmarks, valid, scores} on frames."""
-    from faceveil.engine.pipeline import video as cloak_video
-
-    det, _ = cloak_video.detect_all(frames, frames.shape[0], cloak_video.VideoJob(
-        chunk=chunk, min_score=min_score, min_face=0.0))
-    return det
+    return faces.detect_frames(frames, chunk=chunk, min_score=min_score, min_face=0.0)

@@ -8,9 +8,12 @@
     faceveil cloak-video --input IN.mp4 --output OUT.mp4 [--reuse none|copy|affine]
                    [--report report.json] [--model ...] [--mode ...] [--segment L]
     faceveil demo [--out DIR]
+    faceveil check --protected FILES_OR_DIR[,...] --references DIR [--model dlib,facenet]
+                   [--png out.png] [--json out.json]
 
 Every command exits 0 on success, 1 on a user error (bad input, missing weights) with a
 one-line message on stderr that names the file and the reason, and leaves inputs untouched.
+`check` exits 2 when a protected photo still matches the reference photos (not protected).
 """
 
 from __future__ import annotations
@@ -25,8 +28,13 @@ flags.DEFINE_list("models", None, "fetch-weights: models to fetch (default: all)
 flags.DEFINE_bool("force", False, "fetch-weights: convert again even if the store is valid.")
 flags.DEFINE_string("input", None, "detect: image or video to read.")
 flags.DEFINE_string("output", None, "detect: annotated image (.png/.jpg) or video (.mp4).")
-flags.DEFINE_string("json", None, "detect: where to write boxes and landmarks as JSON.")
-flags.DEFINE_string("model", "dlib", "compare/cloak: recogniser (dlib or facenet).")
+flags.DEFINE_string("json", None, "detect: where to write boxes and landmarks as JSON; "
+                    "check: where to write the verdicts as JSON.")
+flags.DEFINE_string("model", "dlib", "compare/cloak: recogniser (dlib or facenet); check: "
+                    "comma-separated recognisers (e.g. dlib,facenet).")
+flags.DEFINE_list("protected", None, "check: protected photos and/or folders of them.")
+flags.DEFINE_string("references", None, "check: folder of your own clean reference photos.")
+flags.DEFINE_string("png", None, "check: where to write the distance chart (.png).")
 flags.DEFINE_string("out", None, "cloak/demo: output folder (demo default: out/demo).")
 flags.DEFINE_enum("mode", "mid", ["low", "mid", "high"], "cloak: visual budget and strength.")
 flags.DEFINE_string("target-pool", None, "cloak: folder of identity folders (targeted cloak).")
@@ -42,7 +50,10 @@ flags.DEFINE_bool("resume", True, "cloak-video: continue an interrupted job.")
 flags.DEFINE_float("min_score", 0.9, "detect: report faces whose O-Net score is at least this.")
 flags.DEFINE_bool("overwrite", False, "Allow an output path that names an input file.")
 
-COMMANDS = ("fetch-weights", "detect", "compare", "cloak", "cloak-video", "demo")
+COMMANDS = ("fetch-weights", "detect", "compare", "cloak", "cloak-video", "demo", "check")
+
+# `faceveil check`: some photo is not protected (distinct from 1, a user error).
+EXIT_NOT_PROTECTED = 2
 
 
 class UserError(Exception):
@@ -107,6 +118,44 @@ def _cmd_demo(args):
     demo.run(FLAGS.out or "out/demo")
 
 
+def _cmd_check(args):
+    """Returns the exit status: 0 when every photo is protected, EXIT_NOT_PROTECTED if not."""
+    from pathlib import Path
+
+    from faceveil.engine.commands import check
+    from faceveil.engine.pipeline import image_io
+    from faceveil.models import registry
+
+    if args:
+        raise UserError(f"check takes no positional arguments (got {args}); use --protected")
+    if not FLAGS.protected or not FLAGS.references:
+        raise UserError("check needs --protected FILES_OR_DIR[,...] and --references DIR")
+    models = list(dict.fromkeys(m.strip() for m in FLAGS.model.split(",") if m.strip()))
+    if not models:
+        raise UserError("check needs at least one recogniser in --model (e.g. dlib,facenet)")
+    for m in models:
+        try:
+            registry.get(m)
+        except KeyError as e:
+            raise UserError(f"--model: {e.args[0]}") from None
+    # Outputs are checked before the slow part: a .png chart, never one of the input photos.
+    inputs = check.protected_files(FLAGS.protected)
+    if FLAGS.png:
+        if Path(FLAGS.png).suffix.lower() != ".png":
+            raise UserError(f"--png {FLAGS.png}: the chart is a PNG; use a .png name")
+        image_io.ensure_not_input(FLAGS.png, inputs, overwrite=FLAGS.overwrite)
+    if FLAGS.json:
+        image_io.ensure_not_input(FLAGS.json, inputs, overwrite=FLAGS.overwrite)
+    result = check.check_photos(FLAGS.protected, FLAGS.references, models)
+    print(check.format_table(result))
+    outputs = {"inputs": inputs, "overwrite": FLAGS.overwrite}
+    if FLAGS.png:
+        print(f"chart -> {check.write_png(result, FLAGS.png, **outputs)}")
+    if FLAGS.json:
+        print(f"json -> {check.write_json(result, FLAGS.json, **outputs)}")
+    return 0 if result.protected else EXIT_NOT_PROTECTED
+
+
 _HANDLERS = {
     "fetch-weights": _cmd_fetch_weights,
     "detect": _cmd_detect,
@@ -114,16 +163,33 @@ _HANDLERS = {
     "cloak": _cmd_cloak,
     "cloak-video": _cmd_cloak_video,
     "demo": _cmd_demo,
+    "check": _cmd_check,
 }
+
+
+def _quiet_logging():
+    """Logs at WARNING unless the user asked for a level with -v/--verbosity.
+
+    absl.app raises an unset --verbosity to INFO once the flags are parsed, which lets every
+    library's INFO records through, e.g. JAX's "Unable to initialize backend 'tpu' ..." on
+    each machine without a TPU. Runs before JAX picks its backends; warnings and errors stay.
+    """
+    from absl import logging
+
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
 
 
 def _main(argv):
     command, args = argv[1], argv[2:]
+    _quiet_logging()
     from faceveil.engine.pipeline.image_io import InputError
     from faceveil.models.store import StoreError
 
     try:
-        _HANDLERS[command](args)
+        # A handler may return an exit status (check: EXIT_NOT_PROTECTED); None means 0.
+        # absl's app.run passes what _main returns to sys.exit.
+        return _HANDLERS[command](args)
     except (UserError, InputError, StoreError, FileNotFoundError, PermissionError) as e:
         print(f"faceveil {command}: error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from faceveil.engine.methods import cloak
-from faceveil.engine.pipeline import photos as cloak_images, video as cloak_video, image_io, video_io
 from faceveil.engine.commands import report
+from faceveil.engine.methods import cloak
+from faceveil.engine.pipeline import image_io, photos, video, video_io
 
 
 def _face_crop(frame: np.ndarray, box: np.ndarray, margin: float = 0.25) -> np.ndarray:
@@ -23,25 +23,24 @@ def _face_crop(frame: np.ndarray, box: np.ndarray, margin: float = 0.25) -> np.n
     return frame[ya:yb, xa:xb]
 
 
-def write_video_report(path: str, rep: dict, output: str | None) -> dict:
+def write_video_report(path: str, result: video.VideoResult) -> dict:
     """Returns the JSON-ready report after writing it and its PNGs beside `path`."""
     out = Path(path)
     stem = out.with_suffix("")
+    rep = video.summary(result)
     pngs = {}
-    iters, mask = rep.pop("_iters", None), rep.pop("_mask", None)
-    curves, samples = rep.pop("_curves", None), rep.pop("_samples", {})
-    boxes = rep.pop("_boxes", None)
-    for k in [k for k in rep if k.startswith("_")]:  # arrays for callers, not for the JSON
-        rep.pop(k)
-    if iters is not None and mask is not None and mask.any():
+    iters, mask, samples, boxes = result.iterations, result.mask, result.samples, result.boxes
+    curves = result.metrics.get("loss_curve")
+    if mask.any():
         pngs["iterations"] = str(report.plot_iterations(
             f"{stem}_iterations.png", iters, mask=mask,
             labels=[f"track {i}" for i in range(iters.shape[0])],
             max_iters=rep["config"]["max_iters"]))
-        t = int(np.argmax(mask.sum(axis=1)))
-        frames = np.flatnonzero(mask[t])
-        pngs["loss_curves"] = str(report.plot_loss_curves(
-            f"{stem}_loss_curves.png", curves[t][frames], frames))
+        if curves is not None:
+            t = int(np.argmax(mask.sum(axis=1)))
+            frames = np.flatnonzero(mask[t])
+            pngs["loss_curves"] = str(report.plot_loss_curves(
+                f"{stem}_loss_curves.png", curves[t][frames], frames))
     if samples:
         ids = sorted(samples)
         originals, protected, labels = [], [], []
@@ -56,8 +55,8 @@ def write_video_report(path: str, rep: dict, output: str | None) -> dict:
             f"{stem}_side_by_side.png", samples[f][0], samples[f][1],
             labels=(f"original, frame {f}", "cloaked")))
     rep["outputs"] = {"report": str(out), **pngs}
-    if output:
-        rep["outputs"]["video"] = str(output)
+    if result.output:
+        rep["outputs"]["video"] = str(result.output)
     image_io.write_json(out, rep)
     return rep
 
@@ -71,24 +70,24 @@ def run_video(input_path: str, output: str, *, report_path: str | None, reuse: s
         raise image_io.InputError(output, "the output must be a video file (.mp4, .mkv, ...)")
     image_io.ensure_not_input(output, [input_path], overwrite=overwrite)
     report_path = report_path or str(Path(output).with_suffix(".json"))
-    config = cloak_images.config_for(mode, model, reuse=reuse)
+    config = cloak.preset(mode, model, reuse=reuse)
     if segment is not None and segment < 1:
         raise image_io.InputError(input_path, f"--segment must be at least 1 frame, got {segment}")
-    job = cloak_video.VideoJob(model=model, chunk=chunk, max_frames=max_frames, segment=segment)
-    _, rep = cloak_video.cloak_video(input_path, output=output, config=config, job=job,
-                                     resume=resume)
+    job = video.VideoJob(model=model, chunk=chunk, max_frames=max_frames, segment=segment)
+    result = video.cloak_video(input_path, output=output, config=config, job=job, resume=resume)
+    rep = write_video_report(report_path, result)
     rep["reuse"] = reuse
-    rep = write_video_report(report_path, rep, output)
     print(_headline(rep), file=sys.stderr)
     return rep
 
 
 def _headline(rep: dict) -> str:
-    lines = [(f"{rep['frames']} frames, {rep['tracks']} face track(s), "
-             f"{rep.get('faces', 0)} faces cloaked against {rep['model']}")]
+    lines = [(f"{rep['frames_in']} frames in, {rep['frames_out']} out, {rep['tracks']} face "
+              f"track(s), "
+              f"{rep.get('faces', 0)} faces cloaked against {rep['model']}")]
     if rep.get("faces"):
         lines.append(f"iterations: {rep['total_iterations']} "
-                     f"({rep['mean_iterations']:.1f} per face, reuse {rep.get('reuse')}, "
+                     f"({rep['mean_iterations']:.1f} per face, reuse {rep['config'].get('reuse')}, "
                      f"{rep.get('chains')} chain(s) in {rep.get('segments')} segment(s); "
                      f"compile {rep.get('compile_seconds')} s, optimise "
                      f"{rep.get('optimise_seconds')} s)")
@@ -116,9 +115,10 @@ def run_images(paths: list[str], out_dir: str, *, model: str, mode: str,
     targets = [out / f"{Path(p).stem}_cloaked.png" for p in paths]
     for t in targets:
         image_io.ensure_not_input(t, paths, overwrite=overwrite)
-    protected, rep = cloak_images.cloak_images(images, model=model, mode=mode,
-                                               target_pool=target_pool)
-    for p, t, img, entry in zip(paths, targets, protected, rep["images"]):
+    result = photos.cloak_images(images, model=model, mode=mode, target_pool=target_pool,
+                                 names=[Path(p).name for p in paths])
+    rep = photos.summary(result)
+    for p, t, img, entry in zip(paths, targets, result.images, rep["images"]):
         # PNG: a lossy format would wash out the cloak it carries.
         image_io.write_image(t, img)
         entry.update({"file": str(p), "output": str(t)})
@@ -131,10 +131,12 @@ def run_images(paths: list[str], out_dir: str, *, model: str, mode: str,
         print(msg, file=sys.stderr)
     image_io.write_json(out / "report.json", rep)
     if rep.get("faces"):
-        print(f"{rep['faces']} faces: mean protection {rep['mean_protection']:.3f}, "
-              f"mean SSIM {rep['mean_ssim']:.4f}, report -> {out / 'report.json'}",
-              file=sys.stderr)
+        print(f"{rep['faces']} faces: mean protection {rep['mean_protection']:.3f} "
+              f"({rep['model']} on the written photos: {rep['mean_protection_recognised']:.3f}, "
+              f"{rep['fraction_beyond_threshold_recognised']:.0%} beyond {rep['threshold']}), "
+              f"mean SSIM {rep['mean_ssim']:.4f}, {rep['wall_seconds']:.0f} s, "
+              f"report -> {out / 'report.json'}", file=sys.stderr)
     return rep
 
 
-__all__ = ["cloak", "run_images", "run_video", "write_video_report"]
+__all__ = ["run_images", "run_video", "write_video_report"]

@@ -67,10 +67,10 @@ def run(input_path: str, *, output: str | None = None, json_path: str | None = N
     if video_io.is_video(input_path):
         report = _run_video(input_path, output, min_score)
     else:
-        from faceveil.engine.pipeline import recognise
+        from faceveil.engine.pipeline import faces as face_pipeline
 
         image = image_io.read_image(input_path)
-        faces = face_dicts(*recognise.detect_photo(image), min_score)
+        faces = face_dicts(*face_pipeline.detect_photo(image), min_score)
         report = {"images": [{"file": str(input_path), "width": image.shape[1],
                               "height": image.shape[0], "faces": faces}]}
         if output:

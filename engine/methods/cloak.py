@@ -32,8 +32,9 @@ A chain's first face always cold-starts. The objective is the same in all three 
 temporal term uses the previous protected features whenever the chain has a previous face), so
 the modes differ only in where the optimisation starts.
 
-Compiled shape: `chunk_fn(recogniser, config)` returns one jitted function over a chunk of
-frames: `lax.while_loop` runs one frame's iterations with the early stop, `lax.scan` carries
+Compiled shape: `CloakMethod(recogniser, config)` is a method of `faceveil.engine.methods.base`;
+`base.chunk_fn(method)` compiles one function over a chunk of frames: `lax.while_loop` (here,
+in `step`) runs one frame's iterations with the early stop, `lax.scan` carries
 (cloak, landmarks, offset, protected features) from frame to frame, `vmap` runs independent
 chains side by side. Frames where a chain has no face are masked: no update, the carry passes
 through, metrics are NaN and iters 0. Under vmap the while_loop runs until its slowest lane
@@ -46,7 +47,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Callable
 from typing import NamedTuple
 
 import dm_pix
@@ -57,11 +57,11 @@ import optax
 from jax import lax
 from jax.typing import ArrayLike
 
+from faceveil.engine.methods import base
 from faceveil.engine.pipeline import align
 from faceveil.losses import objectives
 
 REUSE_MODES = ("none", "copy", "affine")
-PATCH_BUCKETS = (128, 192, 256, 384)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,16 +138,6 @@ class CloakConfig:
             raise ValueError(f"views must be at least 1, got {self.views}")
 
 
-class ChainFrames(NamedTuple):
-    """One chunk of frames for C chains (leading axes [C, T])."""
-
-    patches: jax.Array  # [C, T, P, P, 3] uint8 clean face patches
-    m_chip: jax.Array  # [C, T, 2, 3] float32 chip pixels -> patch pixels
-    landmarks: jax.Array  # [C, T, 5, 2] float32 landmarks in patch pixels
-    offsets: jax.Array  # [C, T, 2] float32 patch top-left (x, y) in frame pixels
-    present: jax.Array  # [C, T] bool, the chain has a face in this frame
-
-
 class ChainCarry(NamedTuple):
     """What one chain passes from frame to frame (and chunk to chunk); leading axis [C]."""
 
@@ -171,14 +161,6 @@ class FrameMetrics(NamedTuple):
     loss: jax.Array  # objective at the final cloak
     loss_curve: jax.Array  # [..., max_iters] loss at evaluation i (before update i), NaN after
     passed: jax.Array  # bool, the stop rule held at the final cloak
-
-
-class ChunkResult(NamedTuple):
-    """Output of one chunk (leading axes [C, T])."""
-
-    protected: jax.Array  # [C, T, P, P, 3] uint8 protected patches (clean where no face)
-    iters: jax.Array  # [C, T] int32 Adadelta updates made
-    metrics: FrameMetrics
 
 
 def quantise(x: jax.Array) -> jax.Array:
@@ -361,9 +343,10 @@ def warm_start(reuse: str, delta_prev: ArrayLike, landmarks_prev: ArrayLike,
     return align.warp(delta_prev, m, (size, size), fill=0.0)
 
 
-def _frame_step(recogniser, cfg: CloakConfig, params, target, carry: ChainCarry, frame):
-    """Returns (carry, (protected, iters, metrics)) for one chain and one frame."""
-    patch_u8, m_chip, landmarks, offset, present = frame
+def _frame_step(recogniser, cfg: CloakConfig, params, target, carry: ChainCarry,
+                face: base.FaceFrame) -> tuple[ChainCarry, base.FaceOutput]:
+    """Returns (carry, FaceOutput) for one chain and one frame."""
+    patch_u8, m_chip, landmarks, offset, present = face
     orig = patch_u8.astype(jnp.float32) / 255.0
     size = orig.shape[0]
     key, sub = jax.random.split(carry.key)
@@ -399,39 +382,7 @@ def _frame_step(recogniser, cfg: CloakConfig, params, target, carry: ChainCarry,
         feat=jnp.where(present, st.feat, carry.feat),
         has_previous=carry.has_previous | present,
         key=key)
-    return new_carry, (protected, jnp.where(present, st.it, 0), metrics)
-
-
-def _chunk(recogniser, cfg: CloakConfig, params, frames: ChainFrames, carry: ChainCarry,
-           target):
-    def chain(frames_one, carry_one, target_one):
-        step = functools.partial(_frame_step, recogniser, cfg, params, target_one)
-        return lax.scan(step, carry_one, tuple(frames_one))
-
-    carry, (protected, iters, metrics) = jax.vmap(chain)(frames, carry, target)
-    return carry, ChunkResult(protected, iters, metrics)
-
-
-_CHUNK_FNS: dict = {}
-
-
-def chunk_fn(recogniser, config: CloakConfig) -> Callable:
-    """Returns the jitted chunk function `(params, frames, carry, target) -> (carry, result)`.
-
-    One function per (recogniser, config), cached, so every chunk of the same shape reuses one
-    compilation. `frames` is a ChainFrames [C, T, ...], `carry` a ChainCarry [C, ...] (from
-    `init_carry` or the previous chunk), `target` [C, D] target features (targeted mode; any
-    [C, D] array otherwise, e.g. `carry.feat`). Returns the next carry and a ChunkResult.
-    """
-    cache_key = (recogniser.name, _fn_key(recogniser.apply), recogniser.chip_size,
-                 np.asarray(recogniser.template).tobytes(), config)
-    fn = _CHUNK_FNS.get(cache_key)
-    if fn is None:
-        # No buffer donation: callers pass carry.feat as the (unused) untargeted target, and a
-        # donated buffer that is also a plain argument is an error on GPU; the carry is small.
-        fn = jax.jit(functools.partial(_chunk, recogniser, config))
-        _CHUNK_FNS[cache_key] = fn
-    return fn
+    return new_carry, base.FaceOutput(protected, jnp.where(present, st.it, 0), metrics)
 
 
 def _fn_key(fn):
@@ -447,152 +398,85 @@ def _fn_key(fn):
     return fn
 
 
-def init_carry(recogniser, params, config: CloakConfig, key: ArrayLike, num_chains: int,
-               patch_size: int) -> ChainCarry:
-    """Returns the carry of `num_chains` chains that have seen no face yet (all cold-start)."""
-    dummy_patch = jax.ShapeDtypeStruct((patch_size, patch_size, 3), jnp.float32)
-    dummy_m = jax.ShapeDtypeStruct((2, 3), jnp.float32)
-    _, feat = jax.eval_shape(functools.partial(features, recogniser, layer=config.layer),
-                             params, dummy_patch, dummy_m)
-    return ChainCarry(
-        delta=jnp.zeros((num_chains, patch_size, patch_size, 3), jnp.float32),
-        landmarks=jnp.zeros((num_chains, 5, 2), jnp.float32),
-        offset=jnp.zeros((num_chains, 2), jnp.float32),
-        feat=jnp.zeros((num_chains,) + feat.shape, jnp.float32),
-        has_previous=jnp.zeros((num_chains,), bool),
-        key=jax.random.split(key, num_chains))
+@dataclasses.dataclass(frozen=True, eq=False)
+class CloakMethod:
+    """The video cloak as a method (`faceveil.engine.methods.base`): recogniser plus config."""
+
+    recogniser: object
+    config: CloakConfig = CloakConfig()
+    name: str = "cloak"
+
+    def cache_key(self) -> tuple:
+        """Returns what identifies this method's compiled code."""
+        rec = self.recogniser
+        return (self.name, rec.name, _fn_key(rec.apply), rec.chip_size,
+                np.asarray(rec.template).tobytes(), float(rec.aspect), self.config)
+
+    def __hash__(self):
+        return hash(self.cache_key())
+
+    def __eq__(self, other):
+        return isinstance(other, CloakMethod) and self.cache_key() == other.cache_key()
+
+    def feature_spec(self, params, patch_size: int) -> jax.ShapeDtypeStruct:
+        """Returns the shape of the features [D] the objective compares."""
+        patch = jax.ShapeDtypeStruct((patch_size, patch_size, 3), jnp.float32)
+        m = jax.ShapeDtypeStruct((2, 3), jnp.float32)
+        _, feat = jax.eval_shape(functools.partial(features, self.recogniser,
+                                                   layer=self.config.layer), params, patch, m)
+        return feat
+
+    def target_spec(self, params, patch_size: int) -> jax.ShapeDtypeStruct:
+        """Returns the per-chain target: features [D] to move towards (targeted mode)."""
+        return self.feature_spec(params, patch_size)
+
+    def init_state(self, params, key, patch_size: int) -> ChainCarry:
+        """Returns the carry of one chain that has seen no face yet (it cold-starts)."""
+        feat = self.feature_spec(params, patch_size)
+        return ChainCarry(
+            delta=jnp.zeros((patch_size, patch_size, 3), jnp.float32),
+            landmarks=jnp.zeros((5, 2), jnp.float32), offset=jnp.zeros((2,), jnp.float32),
+            feat=jnp.zeros(feat.shape, jnp.float32), has_previous=jnp.zeros((), bool),
+            key=jnp.asarray(key))
+
+    def step(self, params, target, state: ChainCarry, face: base.FaceFrame):
+        """Returns (state, FaceOutput) of one face: warm start, Adadelta with early stop."""
+        return _frame_step(self.recogniser, self.config, params, target, state, face)
 
 
-def still_inputs(params, recogniser, patches: ArrayLike, m_chip: ArrayLike, key: ArrayLike,
-                 config: CloakConfig, *, target: ArrayLike | None = None):
-    """Returns (ChainFrames [B, 1], ChainCarry [B], target [B, D]) of B still faces.
+# Named presets, in one place: visual budget (DSSIM rho), the distance the optimisation stops
+# at (a multiple of the recogniser's own same-person threshold) and the iteration cap. 'mid',
+# the default, is CloakConfig's defaults (for dlib: stop at 0.8, rho 0.006, 40 iterations), the
+# settings the benchmarks measure; every preset sees jittered alignments (CloakConfig.jitter).
+PRESETS = {
+    "low": {"rho": 0.004, "factor": 1.15, "max_iters": 40},
+    "mid": {"rho": 0.006, "factor": 4 / 3, "max_iters": 40},
+    "high": {"rho": 0.012, "factor": 1.75, "max_iters": 80},
+}
 
-    Each face is a chain of one frame with no previous face (`cloak_faces`' arguments).
-    """
-    patches = jnp.asarray(patches)
-    if patches.dtype != jnp.uint8:
-        patches = jnp.round(jnp.clip(patches, 0.0, 1.0) * 255.0).astype(jnp.uint8)
-    b, size = patches.shape[0], patches.shape[1]
-    carry = init_carry(recogniser, params, config, key, b, size)
-    frames = ChainFrames(
-        patches=patches[:, None], m_chip=jnp.asarray(m_chip, jnp.float32)[:, None],
-        landmarks=jnp.zeros((b, 1, 5, 2), jnp.float32),
-        offsets=jnp.zeros((b, 1, 2), jnp.float32), present=jnp.ones((b, 1), bool))
-    target = carry.feat if target is None else jnp.asarray(target, jnp.float32)
-    return frames, carry, target
+
+def preset(mode: str, recogniser, *, targeted: bool = False, **overrides) -> CloakConfig:
+    """Returns the CloakConfig of a named preset ('low', 'mid', 'high') for a recogniser."""
+    if mode not in PRESETS:
+        raise ValueError(f"mode must be one of {sorted(PRESETS)}, got '{mode}'")
+    if isinstance(recogniser, str):
+        from faceveil.models import registry
+
+        recogniser = registry.get(recogniser)
+    m = PRESETS[mode]
+    settings = {"rho": m["rho"], "threshold": round(m["factor"] * recogniser.threshold, 4),
+                "max_iters": m["max_iters"], "targeted": targeted}
+    settings.update(overrides)
+    return CloakConfig(**settings)
 
 
 def cloak_faces(params, recogniser, patches: ArrayLike, m_chip: ArrayLike, key: ArrayLike,
                 config: CloakConfig, *, target: ArrayLike | None = None):
-    """Returns (protected uint8 [B, P, P, 3], iters [B], FrameMetrics [B]) for B still faces.
+    """Returns (protected uint8 [B, P, P, 3], iters [B], FrameMetrics [B]) of B still faces.
 
-    Image mode: every face is a chain of one frame without a previous face, all B faces in one
-    compiled call.
-
-    Args:
-      params: recogniser parameters.
-      recogniser: a `faceveil.models.registry.Recogniser`.
-      patches: [B, P, P, 3] face patches, uint8 or float in [0, 1].
-      m_chip: [B, 2, 3] chip pixels -> patch pixels.
-      key: PRNG key for the cold-start cloaks.
-      config: the CloakConfig (its `reuse` does not matter for single frames).
-      target: [B, D] target features (targeted mode).
+    Every face is a chain of one frame without a previous face, all B in one compiled call
+    (`base.solve_faces`).
     """
-    frames, carry, target = still_inputs(params, recogniser, patches, m_chip, key, config,
-                                         target=target)
-    _, res = chunk_fn(recogniser, config)(params, frames, carry, target)
-    squeeze = functools.partial(jnp.squeeze, axis=1)
-    return squeeze(res.protected), squeeze(res.iters), jax.tree.map(squeeze, res.metrics)
-
-
-# ----------------------------------------------------------------------------------------------
-# Host side (numpy): choosing patches for a track, cutting them out, putting them back.
-
-
-@dataclasses.dataclass(frozen=True)
-class TrackPatches:
-    """Where one track's faces sit in patch form, frame by frame."""
-
-    size: int  # patch side P
-    offsets: np.ndarray  # [T, 2] int32 patch top-left (x, y) in frame pixels
-    landmarks: np.ndarray  # [T, 5, 2] float32 landmarks in patch pixels
-    m_chip: np.ndarray  # [T, 2, 3] float32 chip pixels -> patch pixels
-    present: np.ndarray  # [T] bool
-
-
-@jax.jit
-def _chip_transforms(landmarks, template):
-    return jax.vmap(align.chip_transform, (0, None))(landmarks, template)
-
-
-def plan_track(landmarks: np.ndarray, present: np.ndarray, template: np.ndarray,
-               chip_size: int, *, margin: float = 0.15,
-               buckets: tuple[int, ...] = PATCH_BUCKETS, size: int | None = None) -> TrackPatches:
-    """Returns the TrackPatches of a track: one patch size, per-frame offsets and transforms.
-
-    The patch side is the smallest bucket that holds every frame's chip footprint (the
-    axis-aligned box of the rotated, scaled chip square) enlarged by `margin`; a face larger
-    than the largest bucket gets the largest bucket (the chip then samples 0 past the patch
-    edge, which only happens for faces over ~330 px). Each patch is centred on the chip centre
-    at an integer offset, so the cloak is on real frame pixels.
-
-    Args:
-      landmarks: [T, 5, 2] frame-pixel landmarks (any value where not present).
-      present: [T] bool.
-      template: [5, 2] the recogniser's chip template.
-      chip_size: the recogniser's chip side.
-      margin: fraction added to the footprint's side.
-      buckets: allowed patch sides, ascending.
-      size: force this patch side instead of choosing a bucket.
-    """
-    landmarks = np.asarray(landmarks, np.float32)
-    present = np.asarray(present, bool)
-    safe = np.where(present[:, None, None], landmarks, landmarks[present][:1]
-                    if present.any() else np.zeros((1, 5, 2), np.float32))
-    m = np.asarray(_chip_transforms(jnp.asarray(safe), jnp.asarray(template, jnp.float32)))
-    scale = np.hypot(m[:, 0, 0], m[:, 1, 0])
-    cos, sin = np.abs(m[:, 0, 0]) / scale, np.abs(m[:, 1, 0]) / scale
-    footprint = chip_size * scale * (cos + sin) * (1.0 + margin)
-    if size is None:
-        need = footprint[present].max() if present.any() else buckets[0]
-        size = next((b for b in buckets if b >= need), buckets[-1])
-    c = (chip_size - 1) / 2.0
-    centre = m[:, :, 0] * c + m[:, :, 1] * c + m[:, :, 2]
-    offsets = np.round(centre - (size - 1) / 2.0).astype(np.int32)
-    m_patch = m.copy()
-    m_patch[:, :, 2] -= offsets
-    return TrackPatches(size=int(size), offsets=offsets,
-                        landmarks=(safe - offsets[:, None, :]).astype(np.float32),
-                        m_chip=m_patch.astype(np.float32), present=present)
-
-
-def crop_patches(frames: np.ndarray, offsets: np.ndarray, size: int) -> np.ndarray:
-    """Returns [T, size, size, C] patches of frames [T, H, W, C] at offsets, 0 outside."""
-    frames = np.asarray(frames)
-    t, h, w = frames.shape[:3]
-    out = np.zeros((t, size, size) + frames.shape[3:], frames.dtype)
-    for i, (x, y) in enumerate(np.asarray(offsets)):
-        x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + size, w), min(y + size, h)
-        if x1 > x0 and y1 > y0:
-            out[i, y0 - y:y1 - y, x0 - x:x1 - x] = frames[i, y0:y1, x0:x1]
-    return out
-
-
-def paste_patches(frames: np.ndarray, clean: np.ndarray, protected: np.ndarray,
-                  offsets: np.ndarray, present: np.ndarray) -> np.ndarray:
-    """Returns uint8 frames with each present face's cloak (protected - clean) added in place.
-
-    Adding the difference rather than writing the patch keeps every face's cloak where two
-    patches overlap (one face's margin over another face).
-    """
-    out = np.asarray(frames).astype(np.int16)
-    h, w = out.shape[1:3]
-    size = clean.shape[1]
-    diff = protected.astype(np.int16) - clean.astype(np.int16)
-    for i, (x, y) in enumerate(np.asarray(offsets)):
-        if not present[i]:
-            continue
-        x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + size, w), min(y + size, h)
-        if x1 > x0 and y1 > y0:
-            out[i, y0:y1, x0:x1] += diff[i, y0 - y:y1 - y, x0 - x:x1 - x]
-    return np.clip(out, 0, 255).astype(np.uint8)
+    out = base.solve_faces(CloakMethod(recogniser, config), params, patches, m_chip, key,
+                           target=target)
+    return out.protected, out.iters, out.metrics

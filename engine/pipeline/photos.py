@@ -1,55 +1,176 @@
-"""Cloaking still photos: every face of every photo, many faces per compiled call.
+"""Protecting still photos with any method: every face of every photo, many faces per call.
 
-Modes map to the visual budget (DSSIM rho), the protection the optimisation stops at (as a
-multiple of the recogniser's own same-person threshold) and the iteration limit:
-
-| mode | rho (DSSIM) | ~SSIM floor | stop at distance | max iterations |
-| --- | --- | --- | --- | --- |
-| low  | 0.005 | 0.99 | 1.10 x threshold | 40 |
-| mid  | 0.010 | 0.98 | 1.25 x threshold | 60 |
-| high | 0.020 | 0.96 | 1.50 x threshold | 100 |
-
-For dlib (threshold 0.6) `mid` stops once the cloaked face is 0.75 from the clean one.
-Targeted mode (a target pool: a folder of identity folders) also pulls the face towards the
-centroid of the pool identity farthest from it, as Fawkes does.
+`protect_photos(images, method, params)` finds the faces of each photo (`pipeline.faces`), plans
+each one for the method's recogniser, groups the faces by patch side, pads every group to a
+batch bucket (a few compiled shapes serve any number of faces), runs the method's compiled core
+on each group in one call, pastes the results back, and measures each face's protection again
+through `recognise` on the written uint8 photo (the recogniser's own chip of the photo a site
+would receive). `cloak_images` is the photo cloak (DESIGN.md method 1 on stills; presets in
+`faceveil.engine.methods.cloak.PRESETS`); targeted mode (a target pool: a folder of identity
+folders) pulls each face towards the centroid of the pool identity farthest from it, as Fawkes
+does.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
 import numpy as np
 
-from faceveil.engine.methods import cloak
-from faceveil.engine.pipeline import image_io, recognise
-
-# Visual budget (DSSIM rho), stop distance (a multiple of the recogniser's same-person
-# threshold) and iteration cap of the named modes. 'mid', the default, is CloakConfig's
-# defaults (for dlib: stop at 0.8, rho 0.006, 40 iterations), the settings the benchmarks
-# measure; every mode sees jittered alignments (CloakConfig.jitter).
-MODES = {
-    "low": {"rho": 0.004, "factor": 1.15, "max_iters": 40},
-    "mid": {"rho": 0.006, "factor": 4 / 3, "max_iters": 40},
-    "high": {"rho": 0.012, "factor": 1.75, "max_iters": 80},
-}
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+from faceveil.engine.methods import base, cloak
+from faceveil.engine.pipeline import faces, image_io, progress, recognise
 
 
-def config_for(mode: str, model: str = "dlib", *, targeted: bool = False,
-               **overrides) -> cloak.CloakConfig:
-    """Returns the CloakConfig of a named mode ('low', 'mid', 'high') for a recogniser."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {sorted(MODES)}, got '{mode}'")
-    from faceveil.models import registry
+@dataclasses.dataclass(frozen=True)
+class FaceRecords:
+    """Per-face records of a photo run, as arrays over the F faces of all photos."""
 
-    m = MODES[mode]
-    rec = registry.get(model)
-    settings = {"rho": m["rho"], "threshold": round(m["factor"] * rec.threshold, 4),
-                "max_iters": m["max_iters"], "targeted": targeted}
-    settings.update(overrides)
-    return cloak.CloakConfig(**settings)
+    image: np.ndarray  # [F] int, index of the photo
+    box: np.ndarray  # [F, 4] detector box in photo pixels
+    landmarks: np.ndarray  # [F, 5, 2]
+    iterations: np.ndarray  # [F] int optimisation steps
+    metrics: dict  # name -> [F] (or [F, ...]) the method's diagnostics
+    recognised_distance: np.ndarray  # [F] distance clean vs protected, through `recognise`
+    target: tuple | None = None  # [F] target identity names (targeted mode)
+
+    def __len__(self) -> int:
+        return int(self.image.shape[0])
+
+
+@dataclasses.dataclass
+class PhotoResult:
+    """What a photo run did: the protected photos, per-face records, settings, timings."""
+
+    images: list  # uint8 [H, W, 3] protected photos (copies of the inputs where no face)
+    faces: FaceRecords
+    small_faces: np.ndarray  # [N] faces per photo too small to protect (left alone)
+    method: str
+    model: str
+    mode: str | None
+    config: object  # the method's frozen config
+    threshold: float  # the recogniser's same-person distance
+    detect_seconds: float = 0.0
+    solve_seconds: float = 0.0  # compiled calls, compilation included
+    wall_seconds: float = 0.0
+
+
+def summary(result: PhotoResult) -> dict:
+    """Returns the JSON-ready report of a photo run (pure: no I/O)."""
+    f = result.faces
+    per_image = [{"faces": [], "small_faces_left_alone": int(n)} for n in result.small_faces]
+    for j in range(len(f)):
+        entry = {"box": [round(float(v), 1) for v in f.box[j]],
+                 "iterations": int(f.iterations[j]),
+                 "protection": float(f.metrics["protection"][j]),
+                 "protection_recognised": round(float(f.recognised_distance[j]), 5),
+                 "ssim": float(f.metrics["ssim"][j]), "passed": bool(f.metrics["passed"][j])}
+        if f.target is not None:
+            entry["target"] = f.target[j]
+            entry["target_distance"] = float(f.metrics["target_distance"][j])
+        per_image[int(f.image[j])]["faces"].append(entry)
+    out = {"method": result.method, "model": result.model, "mode": result.mode,
+           "config": dataclasses.asdict(result.config), "threshold": result.threshold,
+           "images": per_image, "faces": len(f),
+           "detect_seconds": round(result.detect_seconds, 3),
+           "solve_seconds": round(result.solve_seconds, 3),
+           "wall_seconds": round(result.wall_seconds, 3)}
+    if len(f):
+        rd = f.recognised_distance
+        out.update({
+            "mean_protection": float(np.mean(f.metrics["protection"])),
+            "mean_protection_recognised": float(np.mean(rd)),
+            "fraction_beyond_threshold_recognised": float(np.mean(rd > result.threshold)),
+            "mean_ssim": float(np.mean(f.metrics["ssim"])),
+            "passed_fraction": float(np.mean(f.metrics["passed"] > 0))})
+    return out
+
+
+def protect_photos(images: list[np.ndarray], method: base.Method, params, *, key,
+                   targets: Callable[[list[np.ndarray], np.ndarray, np.ndarray],
+                                     tuple[np.ndarray, list]] | None = None,
+                   min_score: float = 0.9, min_face: float = 40.0, names=None,
+                   show_progress: bool = True) -> PhotoResult:
+    """Returns the PhotoResult of running a method on every face of every photo.
+
+    Args:
+      images: uint8 [H, W, 3] photos (sizes may differ).
+      method: a method of `faceveil.engine.methods` (its recogniser plans the chips).
+      params: the recogniser's parameters.
+      key: PRNG key (folded with each group's patch side).
+      targets: optional `(images, image index [B], landmarks [B, 5, 2]) -> (targets [B, ...],
+        names [B])` for a group of faces (targeted methods).
+      min_score: detections below this score are ignored.
+      min_face: faces whose box side is smaller (pixels) are left alone and counted.
+      names: a name per photo for the progress lines (default its index).
+      show_progress: progress lines on stderr.
+    """
+    t_start = time.perf_counter()
+    rec = method.recogniser
+    names = names or [f"photo {i + 1}" for i in range(len(images))]
+    found = []
+    for i, img in enumerate(images):
+        found.append(faces.find_photo_faces(img, min_score=min_score, min_face=min_face))
+        progress.say(f"find faces: {i + 1}/{len(images)} {names[i]}: "
+                     f"{len(found[-1].boxes)} face(s)", enabled=show_progress)
+    t_detect = time.perf_counter() - t_start
+    idx = np.array([i for i, pf in enumerate(found) for _ in range(len(pf.boxes))], int)
+    boxes = np.concatenate([pf.boxes for pf in found] + [np.zeros((0, 4), np.float32)])
+    lms = np.concatenate([pf.landmarks for pf in found] + [np.zeros((0, 5, 2), np.float32)])
+    n = len(idx)
+    out = [np.array(img, copy=True) for img in images]
+    iters = np.zeros(n, np.int32)
+    metrics: dict[str, np.ndarray] = {}
+    target_names: list | None = [None] * n if targets is not None else None
+    plans = [faces.plan_faces(lms[j][None], np.ones(1, bool), rec) for j in range(n)]
+    sizes = sorted({p.size for p in plans})
+    t_solve = 0.0
+    for g, size in enumerate(sizes):
+        group = [j for j in range(n) if plans[j].size == size]
+        patches = np.stack([faces.crop_patches(images[idx[j]][None], plans[j].offsets, size)[0]
+                            for j in group])
+        m_chip = np.stack([plans[j].m_chip[0] for j in group])
+        target = None
+        if targets is not None:
+            target, tn = targets(images, idx[group], lms[group])
+            for j, name in zip(group, tn):
+                target_names[j] = name
+        b = faces.batch_bucket(len(group))
+        progress.say(f"{method.name}: batch {g + 1}/{len(sizes)}: {len(group)} face(s) at "
+                     f"{size} px (padded to {b})", enabled=show_progress)
+        t = time.perf_counter()
+        res = base.solve_faces(method, params, faces.pad_batch(patches, b),
+                               faces.pad_batch(m_chip, b), jax.random.fold_in(key, size),
+                               target=None if target is None else faces.pad_batch(target, b))
+        res = jax.device_get(res)
+        t_solve += time.perf_counter() - t
+        for k, j in enumerate(group):
+            out[idx[j]] = faces.paste_patches(out[idx[j]][None], patches[k:k + 1],
+                                              res.protected[k:k + 1], plans[j].offsets,
+                                              np.ones(1, bool))[0]
+            iters[j] = res.iters[k]
+        for name, v in res.metrics._asdict().items():
+            if name not in metrics:
+                metrics[name] = np.full((n,) + v.shape[1:], np.nan, np.float32)
+            metrics[name][group] = v[:len(group)]
+    # The protection a recogniser sees in the written photo, through its own alignment path.
+    dist = np.zeros(n, np.float32)
+    for i in sorted(set(idx.tolist())):
+        sel = np.flatnonzero(idx == i)
+        e_clean, _ = recognise.embed_faces(images[i], lms[sel], rec.name)
+        e_prot, _ = recognise.embed_faces(out[i], lms[sel], rec.name)
+        dist[sel] = np.linalg.norm(e_clean - e_prot, axis=-1)
+    records = FaceRecords(image=idx, box=boxes, landmarks=lms, iterations=iters,
+                          metrics=metrics, recognised_distance=dist,
+                          target=None if target_names is None else tuple(target_names))
+    return PhotoResult(images=out, faces=records,
+                       small_faces=np.array([pf.small for pf in found], int),
+                       method=method.name, model=rec.name, mode=None, config=method.config,
+                       threshold=float(rec.threshold), detect_seconds=t_detect,
+                       solve_seconds=t_solve, wall_seconds=time.perf_counter() - t_start)
 
 
 def target_centroids(pool: str | Path, model: str = "dlib") -> tuple[list[str], np.ndarray]:
@@ -66,88 +187,39 @@ def target_centroids(pool: str | Path, model: str = "dlib") -> tuple[list[str], 
     return names, np.stack(cents)
 
 
-@dataclasses.dataclass
-class _Face:
-    image: int
-    landmarks: np.ndarray
-    box: np.ndarray
-    plan: cloak.TrackPatches | None = None
-
-
 def cloak_images(images: list[np.ndarray], *, model: str = "dlib", mode: str = "mid",
                  target_pool: str | Path | None = None, seed: int = 0, min_score: float = 0.9,
-                 min_face: float = 40.0, config: cloak.CloakConfig | None = None):
-    """Returns (protected uint8 images, report) with every face of every image cloaked.
+                 min_face: float = 40.0, config: cloak.CloakConfig | None = None,
+                 names=None, show_progress: bool = True) -> PhotoResult:
+    """Returns the PhotoResult of cloaking every face of every photo against `model`.
 
     Args:
       images: uint8 [H, W, 3] photos (sizes may differ).
       model: recogniser cloaked against ('dlib' or 'facenet').
-      mode: 'low', 'mid' or 'high' (module docstring); ignored when `config` is given.
+      mode: a preset of `faceveil.engine.methods.cloak.PRESETS`; ignored when `config` is given.
       target_pool: folder of identity folders for targeted cloaks (default untargeted).
       seed: PRNG seed of the cold-start cloaks.
       min_score: detections below this score are ignored.
       min_face: faces whose box side is smaller (pixels) are left alone and reported.
-      config: explicit CloakConfig instead of a mode.
+      config: explicit CloakConfig instead of a preset.
+      names: a name per photo for the progress lines.
+      show_progress: progress lines on stderr.
     """
     rec, params = recognise.recogniser_params(model)
     targeted = target_pool is not None
-    config = config or config_for(mode, model, targeted=targeted)
-    faces: list[_Face] = []
-    report = {"model": model, "mode": mode, "config": dataclasses.asdict(config),
-              "images": []}
-    for i, img in enumerate(images):
-        boxes, scores, lms, valid = recognise.detect_photo(img)
-        ok = valid & (scores >= min_score)
-        side = np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
-        small = int((ok & (side < min_face)).sum())
-        for k in np.flatnonzero(ok & (side >= min_face)):
-            faces.append(_Face(i, lms[k], boxes[k]))
-        report["images"].append({"faces": [], "small_faces_left_alone": small})
-    out = [np.array(img, copy=True) for img in images]
-    if not faces:
-        return out, report
+    config = config or cloak.preset(mode, rec, targeted=targeted)
+    targets = None
+    if targeted:
+        pool_names, cents = target_centroids(target_pool, model)
 
-    names, cents = (target_centroids(target_pool, model) if targeted else (None, None))
-    for f in faces:
-        f.plan = cloak.plan_track(f.landmarks[None], np.ones(1, bool), rec.template,
-                                  rec.chip_size)
-    key = jax.random.PRNGKey(seed)
-    for size in sorted({f.plan.size for f in faces}):
-        group = [f for f in faces if f.plan.size == size]
-        patches = np.stack([cloak.crop_patches(images[f.image][None], f.plan.offsets, size)[0]
-                            for f in group])
-        m_chip = np.stack([f.plan.m_chip[0] for f in group])
-        target, target_names = None, None
-        if targeted:
-            clean = np.stack([recognise.embed_faces(images[f.image], f.landmarks[None],
-                                                    model)[0][0] for f in group])
+        def targets(imgs, image_idx, landmarks):
+            clean = np.stack([recognise.embed_faces(imgs[i], lm[None], model)[0][0]
+                              for i, lm in zip(image_idx, landmarks)])
             far = np.argmax(np.linalg.norm(clean[:, None] - cents[None], axis=-1), axis=1)
-            target, target_names = cents[far], [names[j] for j in far]
-        n = len(group)
-        b = next((x for x in BATCH_BUCKETS if x >= n), -(-n // 256) * 256)
-        pad = b - n  # pad the batch to a bucket: a few compiled shapes serve any face count
-        patches_b = np.concatenate([patches, np.repeat(patches[:1], pad, 0)])
-        m_b = np.concatenate([m_chip, np.repeat(m_chip[:1], pad, 0)])
-        target_b = None if target is None else np.concatenate([target,
-                                                               np.repeat(target[:1], pad, 0)])
-        prot, iters, met = cloak.cloak_faces(params, rec, patches_b, m_b,
-                                             jax.random.fold_in(key, size), config,
-                                             target=target_b)
-        prot, iters, met = jax.device_get((prot, iters, met))
-        for j, f in enumerate(group):
-            out[f.image] = cloak.paste_patches(out[f.image][None], patches[j:j + 1],
-                                               prot[j:j + 1], f.plan.offsets,
-                                               np.ones(1, bool))[0]
-            entry = {"box": [round(float(v), 1) for v in f.box], "iterations": int(iters[j]),
-                     "protection": float(met.protection[j]), "ssim": float(met.ssim[j]),
-                     "passed": bool(met.passed[j])}
-            if targeted:
-                entry["target"] = target_names[j]
-                entry["target_distance"] = float(met.target_distance[j])
-            report["images"][f.image]["faces"].append(entry)
-    all_faces = [e for im in report["images"] for e in im["faces"]]
-    report["faces"] = len(all_faces)
-    report["mean_protection"] = float(np.mean([e["protection"] for e in all_faces]))
-    report["mean_ssim"] = float(np.mean([e["ssim"] for e in all_faces]))
-    report["passed_fraction"] = float(np.mean([e["passed"] for e in all_faces]))
-    return out, report
+            return cents[far], [pool_names[j] for j in far]
+
+    result = protect_photos(images, cloak.CloakMethod(rec, config), params,
+                            key=jax.random.PRNGKey(seed), targets=targets, min_score=min_score,
+                            min_face=min_face, names=names, show_progress=show_progress)
+    result.mode = mode
+    return result

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from faceveil.engine.pipeline import align, image_io
+from faceveil.engine.pipeline import align, faces, image_io
 
 
 class NoFaceError(image_io.InputError):
@@ -21,12 +21,10 @@ def _embed_fn(name: str):
     from faceveil.models import registry
 
     rec = registry.get(name)
-    template = jnp.asarray(rec.template, jnp.float32)
 
     @jax.jit
-    def embed(params, frame, landmarks):
-        chips = jax.vmap(lambda lm: align.extract_chip(
-            frame, lm, template, rec.chip_size, rec.aspect))(landmarks)
+    def embed(params, frame, m_chip):
+        chips = jax.vmap(lambda m: align.warp(frame, m, (rec.chip_size, rec.chip_size)))(m_chip)
         return rec.apply(params, chips)[0], chips
 
     return rec, embed
@@ -50,45 +48,33 @@ def embed_faces(image: np.ndarray, landmarks: np.ndarray, model: str = "dlib"):
       model: recogniser name.
     """
     _, params = recogniser_params(model)
-    _, embed = _embed_fn(model)
+    rec, embed = _embed_fn(model)
     frame = image_io.to_float(image)
-    emb, chips = embed(params, jnp.asarray(frame), jnp.asarray(landmarks, jnp.float32))
+    m_chip = faces.chip_transforms(landmarks, rec)  # the one alignment path (pipeline.faces)
+    emb, chips = embed(params, jnp.asarray(frame), jnp.asarray(m_chip))
     return np.asarray(emb), np.asarray(chips)
 
 
-PHOTO_MAX_SIDE = 1280
-PHOTO_BUCKET = 160
+def track_embeddings(frames: np.ndarray, landmarks: np.ndarray, mask: np.ndarray,
+                     model: str = "dlib") -> np.ndarray:
+    """Returns [C, T, D] embeddings of the tracked faces (NaN where a track has no face).
 
-
-def detect_photo(image: np.ndarray, *, max_side: int = PHOTO_MAX_SIDE,
-                 bucket: int = PHOTO_BUCKET):
-    """Returns (boxes [K, 4], scores [K], landmarks [K, 5, 2], valid [K]) of one photo.
-
-    Photos come in every size and each size would compile its own detector: a photo is scaled
-    down so its longer side is at most `max_side`, padded with black to a multiple of `bucket`
-    on each side, detected, and the boxes and landmarks are mapped back to its own pixels. A
-    few compiled shapes then serve any set of photos.
+    Args:
+      frames: uint8 [T, H, W, 3].
+      landmarks: [C, T, 5, 2] frame-pixel landmarks of the C tracks.
+      mask: [C, T] bool, where the tracks have a face.
+      model: recogniser name.
     """
-    from PIL import Image
-
-    from faceveil.engine.pipeline.detect import detect
-
-    h, w = image.shape[:2]
-    s = min(1.0, max_side / max(h, w))
-    if s < 1.0:
-        small = np.asarray(Image.fromarray(image).resize(
-            (max(1, round(w * s)), max(1, round(h * s))), Image.BILINEAR))
-    else:
-        small = image
-    sh, sw = small.shape[:2]
-    ph, pw = -(-sh // bucket) * bucket, -(-sw // bucket) * bucket
-    padded = np.zeros((ph, pw, 3), np.uint8)
-    padded[:sh, :sw] = small
-    det = detect(padded[None])
-    sx, sy = sw / w, sh / h
-    boxes = np.asarray(det.boxes[0]) / np.array([sx, sy, sx, sy], np.float32)
-    lms = np.asarray(det.landmarks[0]) / np.array([sx, sy], np.float32)
-    return boxes, np.asarray(det.scores[0]), lms, np.asarray(det.valid[0])
+    out = None
+    for t in range(frames.shape[0]):
+        faces = np.flatnonzero(mask[:, t])
+        if not faces.size:
+            continue
+        emb, _ = embed_faces(frames[t], landmarks[faces, t], model)
+        if out is None:
+            out = np.full(mask.shape + (emb.shape[1],), np.nan, np.float32)
+        out[faces, t] = emb
+    return out if out is not None else np.full(mask.shape + (1,), np.nan, np.float32)
 
 
 def largest_face(image: np.ndarray, *, min_score: float = 0.9, source: str = "image"):
@@ -97,7 +83,7 @@ def largest_face(image: np.ndarray, *, min_score: float = 0.9, source: str = "im
     Raises:
       NoFaceError: naming `source` when no face scores at least `min_score`.
     """
-    boxes, scores, lms, valid = detect_photo(image)
+    boxes, scores, lms, valid = faces.detect_photo(image)
     ok = valid & (scores >= min_score)
     if not ok.any():
         raise NoFaceError(source, f"no face found (score >= {min_score})")
@@ -133,4 +119,8 @@ def photo_gallery(paths, model: str = "dlib", *, skip_faceless: bool = False):
             raise
         names.append(f.parent.name)
         embs.append(embed_faces(image, lms[None], model)[0][0])
-    return np.asarray(names, dtype=str), np.asarray(embs, np.float32).reshape(len(embs), -1)
+    if not embs:  # no photo with a face: an empty gallery of the recogniser's width
+        from faceveil.models import registry
+
+        return np.zeros(0, str), np.zeros((0, registry.get(model).embed_dim), np.float32)
+    return np.asarray(names, dtype=str), np.asarray(embs, np.float32)

@@ -1,14 +1,15 @@
-"""Cloaking a whole video: detect, track, optimise call by call, compose, encode, report.
+"""Protecting a whole video with any method: detect, track, run chains call by call, encode.
 
-Two passes over the frames:
+`protect_video(source, method, params)` runs a method of `faceveil.engine.methods` over every
+face track; `cloak_video` is the video cloak (DESIGN.md method 1). Two passes over the frames:
   1. detection: frames are decoded in chunks, detected in one compiled call per chunk, and the
      per-frame detections linked into tracks (`faceveil.engine.pipeline.track`);
   2. cloaking: frames are decoded again (a background thread keeps the next call's frames
      ready), and `faceveil.engine.pipeline.chains.ChainRunner` runs every chain (a track, or a segment
      of one) present in the call's frame windows as one compiled call (vmap over chains, scan
-     over frames, while_loop with early stop per frame), adds the cloaks back into the frames,
+     over frames, while_loop with early stop per frame), adds the changes back into the frames,
      and the frames go to the encoder (a second background thread) in order.
-Each chain's carry (cloak, landmarks, features) is kept on the host between calls, so a call
+Each chain's carry (for the cloak: cloak, landmarks, features) is kept on the host between calls, so a call
 only runs the chains it contains (padded to a few lane counts so that the compiled function is
 reused). With `VideoJob.segment` the segments of the video run in lockstep (one decoder per
 segment); windows of later segments wait on disk (or in memory) until the frames before them
@@ -27,7 +28,6 @@ import json
 import os
 import queue
 import shutil
-import sys
 import threading
 import time
 from pathlib import Path
@@ -35,13 +35,13 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from faceveil.engine.pipeline import chains, image_io, track, video_io
-from faceveil.engine.methods import cloak
+from faceveil.engine.methods import base, cloak
+from faceveil.engine.pipeline import chains, faces, image_io, progress, video_io
 
 
 @dataclasses.dataclass(frozen=True)
 class VideoJob:
-    """Settings of a video cloak job besides the CloakConfig."""
+    """Settings of a video job besides the method's config."""
 
     model: str = "dlib"
     other_model: str | None = "facenet"  # cross-model protection figure (None: skip)
@@ -53,49 +53,118 @@ class VideoJob:
     # Frames per segment: each track is cut into chains of at most this many frames that run
     # side by side (their heads cold-start). None: one chain per track.
     segment: int | None = None
+    progress: bool = True  # progress lines on stderr
 
 
-def _progress(msg: str, end: str = "\n") -> None:
-    print(msg, end=end, file=sys.stderr, flush=True)
+@dataclasses.dataclass
+class VideoResult:
+    """What a video run did: per-face records as [tracks, frames] arrays, tracks, timings."""
+
+    source: str
+    method: str
+    model: str
+    config: object  # the method's frozen config
+    job: VideoJob
+    fps: float | None
+    faces: faces.VideoFaces  # detections and tracks (clean video)
+    iterations: np.ndarray  # [C, T] int32 optimisation steps per face
+    metrics: dict  # name -> [C, T] (or [C, T, ...]) per-face diagnostics, NaN where no face
+    frames_in: int  # frames decoded from the source
+    frames_out: int  # frames written (the file's own count) or returned
+    frames: np.ndarray | None = None  # protected uint8 [T, H, W, 3] (None when written)
+    output: str | None = None
+    samples: dict = dataclasses.field(default_factory=dict)  # frame -> (clean, protected)
+    segments: int = 1
+    chains: int = 0
+    lane_counts: list = dataclasses.field(default_factory=list)
+    compile_seconds: float = 0.0
+    optimise_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    other_model: dict | None = None  # cross-model figure (`VideoJob.other_model`)
+    note: str | None = None
+
+    @property
+    def mask(self) -> np.ndarray:
+        """Returns [C, T] bool, where each track has a face."""
+        return self.faces.tracks.mask
+
+    @property
+    def boxes(self) -> np.ndarray:
+        """Returns [C, T, 4] the tracked faces' boxes."""
+        return self.faces.boxes
+
+    @property
+    def landmarks(self) -> np.ndarray:
+        """Returns [C, T, 5, 2] the tracked faces' landmarks."""
+        return self.faces.landmarks
 
 
-def detect_all(source, info_frames: int, job: VideoJob):
-    """Returns (detections as numpy dict [T, K, ...], number of frames) of a whole video."""
-    from faceveil.engine.pipeline.detect import detect
-
-    parts = []
-    done = 0
-    for frames in _chunks(source, job.chunk, 0, job.max_frames):
-        n = frames.shape[0]
-        if n < job.chunk:  # one compiled shape: pad the last chunk by repeating its last frame
-            frames = np.concatenate([frames, np.repeat(frames[-1:], job.chunk - n, 0)])
-        det = detect(frames)
-        parts.append({k: np.asarray(v)[:n] for k, v in det._asdict().items()})
-        done += n
-        _progress(f"\rdetect: {done}/{info_frames} frames", end="")
-    _progress("")
-    if not parts:
-        raise image_io.InputError(_name(source), "no frames could be decoded")
-    det = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    side = np.minimum(det["boxes"][..., 2] - det["boxes"][..., 0],
-                      det["boxes"][..., 3] - det["boxes"][..., 1])
-    det["small"] = det["valid"] & (det["scores"] >= job.min_score) & (side < job.min_face)
-    det["valid"] = det["valid"] & (det["scores"] >= job.min_score) & (side >= job.min_face)
-    return det, done
+def _clean(a) -> list:
+    return [None if not np.isfinite(v) else round(float(v), 5) for v in np.asarray(a)]
 
 
-def _name(source) -> str:
-    return str(source) if isinstance(source, (str, os.PathLike)) else "<frames>"
+def _per_frame_mean(values: np.ndarray, mask: np.ndarray) -> list:
+    """Returns per frame the mean of values [C, T] over the tracks with a face (None if none)."""
+    n = mask.sum(axis=0)
+    total = np.where(mask, np.nan_to_num(values), 0.0).sum(axis=0)
+    return _clean(np.where(n > 0, total / np.maximum(n, 1), np.nan))
 
 
-def _chunks(source, size: int, start: int, limit: int | None):
-    if isinstance(source, np.ndarray):
-        end = source.shape[0] if limit is None else min(limit, source.shape[0])
-        for t in range(start, end, size):
-            yield source[t:min(t + size, end)]
-    else:
-        left = None if limit is None else max(limit - start, 0)
-        yield from video_io.iter_chunks(source, size, start=start, limit=left)
+def summary(result: VideoResult) -> dict:
+    """Returns the JSON-ready report of a video run (pure: no I/O)."""
+    mask, iters, m = result.mask, result.iterations, result.metrics
+    has = mask.any()
+
+    def faces_of(name):
+        return m[name][mask] if name in m else np.zeros(0)
+
+    prot, ssim = faces_of("protection"), faces_of("ssim")
+    out = {
+        "source": result.source, "method": result.method, "model": result.model,
+        "fps": result.fps, "frames": result.frames_in, "frames_in": result.frames_in,
+        "frames_out": result.frames_out, "tracks": result.faces.tracks.num_tracks,
+        "config": dataclasses.asdict(result.config), "job": dataclasses.asdict(result.job),
+        "small_faces_left_alone": int(result.faces.detections["small"].sum()),
+        "faces": int(mask.sum()),
+        "total_iterations": int(iters.sum()),
+        "mean_iterations": float(iters[mask].mean()) if has else 0.0,
+        "iterations_per_frame": iters.sum(axis=0).tolist(),
+        "passed_fraction": float(np.nanmean(faces_of("passed"))) if has else None,
+        "mean_protection": float(np.nanmean(prot)) if prot.size else None,
+        "min_protection": float(np.nanmin(prot)) if prot.size else None,
+        "mean_ssim": float(np.nanmean(ssim)) if ssim.size else None,
+        "min_ssim": float(np.nanmin(ssim)) if ssim.size else None,
+        "ssim_per_frame": _per_frame_mean(m["ssim"], mask) if has and "ssim" in m else [],
+        "segments": result.segments, "chains": result.chains,
+        "lane_counts_compiled": list(result.lane_counts),
+        "compile_seconds": round(result.compile_seconds, 3),
+        "optimise_seconds": round(result.optimise_seconds, 3),
+        "wall_seconds": round(result.wall_seconds, 3),
+        "frames_per_second": round(result.frames_in / result.wall_seconds, 3)
+        if result.wall_seconds > 0 else None,
+    }
+    if result.other_model is not None:
+        out["other_model"] = result.other_model
+    if result.note:
+        out["note"] = result.note
+    out["per_track"] = [{"track": i, "frames": np.flatnonzero(mask[i]).tolist(),
+                         "iterations": iters[i][mask[i]].tolist(),
+                         "protection": _clean(m["protection"][i][mask[i]])
+                         if "protection" in m else [],
+                         "ssim": _clean(m["ssim"][i][mask[i]]) if "ssim" in m else []}
+                        for i in range(result.faces.tracks.num_tracks)]
+    return out
+
+
+def find_faces(source, job: VideoJob, n_total: int | None = None) -> faces.VideoFaces:
+    """Returns the VideoFaces of a video (pass 1: chunked detection, filters, tracks)."""
+    def show(done):
+        progress.say(f"\rdetect: {done}/{n_total or '?'} frames", end="", enabled=job.progress)
+
+    det = faces.detect_frames(source, chunk=job.chunk, min_score=job.min_score,
+                              min_face=job.min_face, max_frames=job.max_frames, progress=show)
+    progress.say("", enabled=job.progress)
+    return faces.track_faces(det)
 
 
 def _prefetch(iterable, depth: int = 2):
@@ -152,17 +221,18 @@ class _Encoder:
         return np.concatenate(self.frames) if self.writer is None and self.frames else None
 
 
-def _state_key(source, job: VideoJob, config: cloak.CloakConfig) -> str:
+def _state_key(source, job: VideoJob, method: base.Method) -> str:
     st = os.stat(source)
-    blob = json.dumps([os.path.abspath(source), st.st_size, st.st_mtime_ns,
-                       dataclasses.asdict(job), dataclasses.asdict(config)], sort_keys=True)
+    blob = json.dumps([os.path.abspath(source), st.st_size, st.st_mtime_ns, method.name,
+                       dataclasses.asdict(job), dataclasses.asdict(method.config)],
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def cloak_video(source, *, output: str | None = None, config: cloak.CloakConfig | None = None,
                 job: VideoJob | None = None, resume: bool = True,
-                detections: dict | None = None):
-    """Returns (protected uint8 frames [T, H, W, 3] or None when written to `output`, report).
+                detections: faces.VideoFaces | None = None) -> VideoResult:
+    """Returns the VideoResult of cloaking a video (DESIGN.md method 1) against `job.model`.
 
     Args:
       source: a video path, or uint8 frames [T, H, W, 3].
@@ -170,10 +240,26 @@ def cloak_video(source, *, output: str | None = None, config: cloak.CloakConfig 
       config: the cloak optimisation settings (default CloakConfig()).
       job: detection/tracking/chunking settings.
       resume: continue from `<output>.partial/` when it matches this job.
-      detections: the output of `detect_all` for this source and job (skips the detection
-        pass; e.g. to cloak one video several ways).
+      detections: `find_faces(source, job)` computed before (skips the detection pass; e.g.
+        to cloak one video several ways).
     """
-    config = config or cloak.CloakConfig()
+    from faceveil.engine.pipeline import recognise
+
+    job = job or VideoJob()
+    rec, params = recognise.recogniser_params(job.model)
+    method = cloak.CloakMethod(rec, config or cloak.CloakConfig())
+    return protect_video(source, method, params, output=output, job=job, resume=resume,
+                         detections=detections)
+
+
+def protect_video(source, method: base.Method, params, *, output: str | None = None,
+                  job: VideoJob | None = None, resume: bool = True,
+                  detections: faces.VideoFaces | None = None) -> VideoResult:
+    """Returns the VideoResult of running a method over every face track of a video.
+
+    Two passes (module docstring): find the faces, then run every chain call by call and
+    encode. The output file has exactly the input's frame count and frame rate.
+    """
     job = job or VideoJob()
     t_start = time.perf_counter()
     is_path = not isinstance(source, np.ndarray)
@@ -192,31 +278,34 @@ def cloak_video(source, *, output: str | None = None, config: cloak.CloakConfig 
         fps, info = None, None
 
     state_dir = Path(f"{output}.partial") if (is_path and output) else None
-    state_key = _state_key(source, job, config) if state_dir else None
+    state_key = _state_key(source, job, method) if state_dir else None
     if state_dir and (not resume or not (state_dir / "state.json").exists()
                       or json.loads((state_dir / "state.json").read_text())["key"] != state_key):
         shutil.rmtree(state_dir, ignore_errors=True)
-    det = _detections(source, n_total, job, state_dir, state_key, detections)
-    n_frames = int(det["boxes"].shape[0])
-    tracks = track.track(_Dets(det))
-    report = {"source": _name(source), "frames": n_frames, "fps": fps,
-              "tracks": tracks.num_tracks, "model": job.model,
-              "config": dataclasses.asdict(config), "job": dataclasses.asdict(job),
-              "small_faces_left_alone": int(det["small"].sum())}
+    found = _detections(source, n_total, job, state_dir, state_key, detections)
+    n_frames = found.num_frames
+    tracks = found.tracks
+    result = VideoResult(
+        source=faces.source_name(source), method=method.name, model=method.recogniser.name,
+        config=method.config, job=job, fps=fps, faces=found,
+        iterations=np.zeros(tracks.mask.shape, np.int32), metrics={}, frames_in=n_frames,
+        frames_out=n_frames, output=output if is_path else None)
 
     if tracks.num_tracks == 0:
-        report["note"] = "no face found: the video is passed through unchanged"
-        report["wall_seconds"] = time.perf_counter() - t_start
+        result.note = "no face found: the video is passed through unchanged"
+        result.wall_seconds = time.perf_counter() - t_start
         if is_path and output:
             tmp = Path(output).with_name(f".{Path(output).name}.copy")
             shutil.copyfile(source, tmp)
             os.replace(tmp, output)
             if state_dir:
                 shutil.rmtree(state_dir, ignore_errors=True)
-            return None, report
-        return source[:n_frames].copy(), report
+            result.frames_out = video_io.count_frames(output)
+            return result
+        result.frames = source[:n_frames].copy()
+        return result
 
-    runner, lms_t = _runner(det, tracks, config, job, n_frames)
+    runner = _runner(found, method, params, job, n_frames)
     sched = runner.schedule
     first = 0  # calls already finished (a resumed job)
     if state_dir:
@@ -229,15 +318,18 @@ def cloak_video(source, *, output: str | None = None, config: cloak.CloakConfig 
                 for _, t0, _ in sched.windows(k):
                     with np.load(_window_file(state_dir, t0)) as z:
                         runner.restore_window(t0, z)
-            _progress(f"resume: {first}/{sched.num_calls} calls already done")
+            progress.say(f"resume: {first}/{sched.num_calls} calls already done",
+                         enabled=job.progress)
 
     writer = None
     if is_path and output:
-        writer = video_io.VideoWriter(output, fps, audio_from=source if info.audio_codec else None)
+        writer = video_io.VideoWriter(output, fps, audio_from=source if info.audio_codec else None,
+                                     audio_lead=info.audio_lead)
         writer.__enter__()
     encoder = _Encoder(writer)
     ok = False
     other = _OtherModel(job.other_model) if job.other_model else None
+    lms_t = found.landmarks
     # A few frames with faces are kept for the report's before/after pictures.
     with_faces = np.flatnonzero(tracks.mask.any(axis=0))
     sample_ids = set(with_faces[np.linspace(0, len(with_faces) - 1, 6).round().astype(int)]
@@ -279,9 +371,9 @@ def cloak_video(source, *, output: str | None = None, config: cloak.CloakConfig 
                 _save_carries(state_dir, k, runner.carry_state())
             flush()
             done = sum(t1 - t0 for kk in range(k + 1) for _, t0, t1 in sched.windows(kk))
-            _progress(f"\rcloak: {done}/{n_frames} frames, {int(runner.iters.sum())} "
-                      f"iterations", end="")
-        _progress("")
+            progress.say(f"\r{method.name}: {done}/{n_frames} frames, "
+                         f"{int(runner.iters.sum())} iterations", end="", enabled=job.progress)
+        progress.say("", enabled=job.progress)
         flush()
         protected = encoder.close()
         ok = True
@@ -291,68 +383,52 @@ def cloak_video(source, *, output: str | None = None, config: cloak.CloakConfig 
             encoder.thread.join(timeout=60)
         if writer is not None:
             writer.__exit__(None if ok else RuntimeError, None, None)
-    wall = time.perf_counter() - t_start
     if state_dir:
         shutil.rmtree(state_dir, ignore_errors=True)
-    iters, metrics = runner.iters, runner.metrics
-    report.update(_summarise(tracks, iters, metrics, wall, n_frames))
-    report.update({
-        "segments": sched.num_segments, "chains": _chain_count(runner),
-        "compile_seconds": round(runner.compile_seconds, 3),
-        "optimise_seconds": round(runner.run_seconds, 3),
-        "lane_counts_compiled": runner.lane_counts})
-    if other is not None:
-        report["other_model"] = other.summary()
-    report["per_track"] = [{"track": i, "frames": np.flatnonzero(tracks.mask[i]).tolist(),
-                            "iterations": iters[i][tracks.mask[i]].tolist(),
-                            "protection": _clean(metrics["protection"][i][tracks.mask[i]]),
-                            "ssim": _clean(metrics["ssim"][i][tracks.mask[i]])}
-                           for i in range(tracks.num_tracks)]
-    report["_samples"] = samples
-    report["_boxes"] = tracks.gather(det["boxes"])
-    report["_landmarks"] = lms_t
-    report["_curves"] = runner.curves
-    report["_iters"] = iters
-    report["_metrics"] = metrics
-    report["_mask"] = tracks.mask
-    return protected, report
+    result.frames = protected
+    result.frames_out = (video_io.count_frames(output) if writer is not None
+                         else int(protected.shape[0]))
+    result.iterations, result.metrics = runner.iters, runner.metrics
+    result.samples = samples
+    result.segments, result.chains = sched.num_segments, _chain_count(runner)
+    result.lane_counts = runner.lane_counts
+    result.compile_seconds, result.optimise_seconds = runner.compile_seconds, runner.run_seconds
+    result.other_model = other.summary() if other is not None else None
+    result.wall_seconds = time.perf_counter() - t_start
+    if result.frames_out != n_frames:  # a lost frame is a bug, never a silent result
+        raise RuntimeError(f"{result.source}: wrote {result.frames_out} frames of {n_frames}")
+    return result
 
 
-def _detections(source, n_total, job, state_dir, state_key, given):
-    """Returns the detections of pass 1 (given, saved by an interrupted job, or computed)."""
+def _detections(source, n_total, job, state_dir, state_key, given) -> faces.VideoFaces:
+    """Returns the faces of pass 1 (given, saved by an interrupted job, or computed)."""
     det_file = state_dir / "detections.npz" if state_dir else None
     if given is not None:
-        det = dict(given)
+        found = given
     elif det_file is not None and det_file.exists():
         with np.load(det_file) as z:
             det = {k: z[k] for k in z.files}
-        _progress(f"resume: detections of {det['boxes'].shape[0]} frames from {det_file}")
-        return det
+        progress.say(f"resume: detections of {det['boxes'].shape[0]} frames from {det_file}",
+                     enabled=job.progress)
+        return faces.track_faces(det)
     else:
-        det, _ = detect_all(source, n_total, job)
+        found = find_faces(source, job, n_total)
     if state_dir:
         state_dir.mkdir(parents=True, exist_ok=True)
-        np.savez(state_dir / ".detections.tmp.npz", **det)
+        np.savez(state_dir / ".detections.tmp.npz", **found.detections)
         os.replace(state_dir / ".detections.tmp.npz", det_file)
         image_io.write_json(state_dir / "state.json", {"key": state_key})
-    return det
+    return found
 
 
-def _runner(det, tracks, config, job, n_frames):
-    """Returns (ChainRunner over the tracks, landmarks [tracks, T, 5, 2])."""
-    from faceveil.engine.pipeline import recognise
-
-    rec, params = recognise.recogniser_params(job.model)
-    lms_t = tracks.gather(det["landmarks"])
-    sizes = [cloak.plan_track(lms_t[i], tracks.mask[i], rec.template, rec.chip_size).size
-             for i in range(tracks.num_tracks)]
-    size = max(sizes)  # one patch side for the job: one compiled shape
-    plans = [cloak.plan_track(lms_t[i], tracks.mask[i], rec.template, rec.chip_size, size=size)
-             for i in range(tracks.num_tracks)]
+def _runner(found: faces.VideoFaces, method, params, job, n_frames) -> chains.ChainRunner:
+    """Returns the ChainRunner over the tracks (one patch side for the job: one shape)."""
+    lms_t, mask = found.landmarks, found.tracks.mask
+    rec = method.recogniser
+    size = max(faces.plan_faces(lms_t[i], mask[i], rec).size for i in range(len(mask)))
+    plans = [faces.plan_faces(lms_t[i], mask[i], rec, size=size) for i in range(len(mask))]
     sched = chains.make_schedule(n_frames, job.chunk, job.segment)
-    runner = chains.ChainRunner(rec, params, config, plans, size, sched,
-                                jax.random.PRNGKey(job.seed))
-    return runner, lms_t
+    return chains.ChainRunner(method, params, plans, size, sched, jax.random.PRNGKey(job.seed))
 
 
 def _chain_count(runner) -> int:
@@ -364,8 +440,8 @@ def _windows(source, sched: chains.Schedule, first: int):
     """Yields {t0: frames} of calls first, first + 1, ... (one decoder per segment)."""
     segs = range(sched.num_segments)
     ends = [min((s + 1) * sched.segment, sched.n_frames) for s in segs]
-    readers = [_chunks(source, sched.chunk, s * sched.segment + first * sched.chunk, ends[s])
-               for s in segs]
+    readers = [faces.iter_frames(source, sched.chunk, s * sched.segment + first * sched.chunk,
+                                 ends[s]) for s in segs]
     for k in range(first, sched.num_calls):
         yield {t0: next(readers[s]) for s, t0, _ in sched.windows(k)}
 
@@ -390,18 +466,6 @@ def _save_carries(state_dir, k, carries):
     (state_dir / f"carry_{k - 1:05d}.npz").unlink(missing_ok=True)
 
 
-def _clean(a) -> list:
-    return [None if not np.isfinite(v) else round(float(v), 5) for v in np.asarray(a)]
-
-
-class _Dets:
-    """Detections-like view of the numpy detection dict (what `track.track` reads)."""
-
-    def __init__(self, det):
-        self.boxes, self.landmarks = det["boxes"], det["landmarks"]
-        self.valid, self.scores = det["valid"], det["scores"]
-
-
 class _OtherModel:
     """Cross-model figure: distance between clean and protected faces for a second model."""
 
@@ -414,41 +478,21 @@ class _OtherModel:
 
     def measure(self, frames, protected, t0, lms_t, mask):
         """Adds the distances of the faces in frames [t0, t0 + n) (mask [tracks, T])."""
-        from faceveil.engine.attacks import protection
+        from faceveil.engine.pipeline import recognise
 
         sl = slice(t0, t0 + frames.shape[0])
         m = mask[:, sl]
         if not m.any():
             return
-        clean = protection.track_embeddings(frames, lms_t[:, sl], m, self.name)
-        prot = protection.track_embeddings(protected, lms_t[:, sl], m, self.name)
+        clean = recognise.track_embeddings(frames, lms_t[:, sl], m, self.name)
+        prot = recognise.track_embeddings(protected, lms_t[:, sl], m, self.name)
         self.dist.extend(np.linalg.norm(clean[m] - prot[m], axis=-1).tolist())
 
     def summary(self) -> dict:
+        """Returns the JSON-ready cross-model figures."""
         d = np.asarray(self.dist)
         return {"model": self.name, "threshold": self.rec.threshold,
                 "mean_protection": float(d.mean()) if d.size else None,
                 "min_protection": float(d.min()) if d.size else None,
                 "fraction_beyond_threshold": float((d >= self.rec.threshold).mean())
                 if d.size else None}
-
-
-def _summarise(tracks, iters, metrics, wall, n_frames) -> dict:
-    mask = tracks.mask
-    prot = metrics["protection"][mask]
-    ssim = metrics["ssim"][mask]
-    return {
-        "faces": int(mask.sum()),
-        "total_iterations": int(iters.sum()),
-        "mean_iterations": float(iters[mask].mean()) if mask.any() else 0.0,
-        "iterations_per_frame": iters.sum(axis=0).tolist(),
-        "passed_fraction": float(np.nanmean(metrics["passed"][mask])) if mask.any() else None,
-        "mean_protection": float(np.nanmean(prot)) if prot.size else None,
-        "min_protection": float(np.nanmin(prot)) if prot.size else None,
-        "mean_ssim": float(np.nanmean(ssim)) if ssim.size else None,
-        "min_ssim": float(np.nanmin(ssim)) if ssim.size else None,
-        "ssim_per_frame": _clean(np.nanmean(np.where(mask, metrics["ssim"], np.nan), axis=0))
-        if mask.any() else [],
-        "wall_seconds": round(wall, 3),
-        "frames_per_second": round(n_frames / wall, 3) if wall > 0 else None,
-    }

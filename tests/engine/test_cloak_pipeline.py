@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from faceveil.engine.methods import cloak
-from faceveil.engine.pipeline import photos as cloak_images, video as cloak_video, image_io, synth_video, video_io
+from faceveil.engine.pipeline import image_io, photos, synth_video, video, video_io
 
 FAST = cloak.CloakConfig(max_iters=3, threshold=0.75, reuse="affine")
 
@@ -34,8 +34,9 @@ def short_clip():
 
 
 def test_cloak_video_frames_changes_only_face_patches(short_clip):
-    job = cloak_video.VideoJob(chunk=4, other_model=None)
-    out, rep = cloak_video.cloak_video(short_clip, config=FAST, job=job)
+    job = video.VideoJob(chunk=4, other_model=None)
+    res = video.cloak_video(short_clip, config=FAST, job=job)
+    out, rep = res.frames, video.summary(res)
     assert out.shape == short_clip.shape and out.dtype == np.uint8
     assert rep["tracks"] == 1 and rep["faces"] == len(short_clip)
     iters = np.asarray(rep["iterations_per_frame"])
@@ -43,7 +44,7 @@ def test_cloak_video_frames_changes_only_face_patches(short_clip):
     changed = np.any(out != short_clip, axis=-1)
     assert changed.any()
     # Every changed pixel lies inside that frame's face patch (the cloak stays on the face).
-    boxes = rep["_boxes"][0]
+    boxes = res.boxes[0]
     for t in range(len(out)):
         ys, xs = np.nonzero(changed[t])
         if xs.size:
@@ -58,12 +59,12 @@ def test_cloak_video_file_resume_matches_uninterrupted(short_clip, tmp_path, mon
                                                        segment):
     src = synth_video.write_demo_video(tmp_path / "in.mp4", short_clip, 20)
     before = _sha(src)
-    job = cloak_video.VideoJob(chunk=2, other_model=None, segment=segment)
+    job = video.VideoJob(chunk=2, other_model=None, segment=segment)
     full = tmp_path / "full.mp4"
-    _, rep_full = cloak_video.cloak_video(src, output=str(full), config=FAST, job=job)
+    rep_full = video.summary(video.cloak_video(src, output=str(full), config=FAST, job=job))
 
     broken = tmp_path / "broken.mp4"
-    real_save = cloak_video._save_carries
+    real_save = video._save_carries
     calls = []
 
     def save_then_die(state_dir, k, *args):
@@ -72,13 +73,13 @@ def test_cloak_video_file_resume_matches_uninterrupted(short_clip, tmp_path, mon
         if k == 0:
             raise KeyboardInterrupt  # the user stops the job after its first call
 
-    monkeypatch.setattr(cloak_video, "_save_carries", save_then_die)
+    monkeypatch.setattr(video, "_save_carries", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        cloak_video.cloak_video(src, output=str(broken), config=FAST, job=job)
+        video.cloak_video(src, output=str(broken), config=FAST, job=job)
     assert not broken.exists()  # nothing under the real name until complete
     assert (tmp_path / "broken.mp4.partial" / "call_00000.done").exists()
     calls.clear()
-    _, rep = cloak_video.cloak_video(src, output=str(broken), config=FAST, job=job)
+    rep = video.summary(video.cloak_video(src, output=str(broken), config=FAST, job=job))
     n_calls = 4 if segment is None else 2
     assert calls == list(range(1, n_calls))  # only the unfinished calls ran again
     assert rep["iterations_per_frame"] == rep_full["iterations_per_frame"]
@@ -88,10 +89,11 @@ def test_cloak_video_file_resume_matches_uninterrupted(short_clip, tmp_path, mon
 
 
 def test_segments_run_as_parallel_chains_with_cold_heads(short_clip):
-    job = cloak_video.VideoJob(chunk=2, other_model=None)
-    whole, rep_whole = cloak_video.cloak_video(short_clip, config=FAST, job=job)
-    seg, rep_seg = cloak_video.cloak_video(short_clip, config=FAST,
-                                           job=dataclasses.replace(job, segment=4))
+    job = video.VideoJob(chunk=2, other_model=None)
+    res_whole = video.cloak_video(short_clip, config=FAST, job=job)
+    res_seg = video.cloak_video(short_clip, config=FAST, job=dataclasses.replace(job, segment=4))
+    whole, rep_whole = res_whole.frames, video.summary(res_whole)
+    seg, rep_seg = res_seg.frames, video.summary(res_seg)
     assert rep_whole["segments"] == 1 and rep_whole["chains"] == 1
     assert rep_seg["segments"] == 2 and rep_seg["chains"] == 2
     # Two chains of one track share each call: every call ran 2 lanes, compiled once.
@@ -125,9 +127,10 @@ def test_video_without_faces_is_copied_unchanged(tmp_path):
     frames = np.full((6, 64, 96, 3), 128, np.uint8)
     src = synth_video.write_demo_video(tmp_path / "flat.mp4", frames, 10)
     out = tmp_path / "out.mp4"
-    _, rep = cloak_video.cloak_video(src, output=str(out), config=FAST,
-                                     job=cloak_video.VideoJob(chunk=4, other_model=None))
+    rep = video.summary(video.cloak_video(src, output=str(out), config=FAST,
+                                          job=video.VideoJob(chunk=4, other_model=None)))
     assert rep["tracks"] == 0 and "unchanged" in rep["note"]
+    assert rep["frames_in"] == rep["frames_out"] == 6
     assert _sha(out) == _sha(src)
 
 
@@ -137,28 +140,34 @@ def test_truncated_video_is_a_clear_error(data_dir, tmp_path):
     bad.write_bytes(src.read_bytes()[: 40_000])
     out = tmp_path / "out.mp4"
     with pytest.raises(image_io.InputError, match="cut.mp4"):
-        cloak_video.cloak_video(bad, output=str(out), config=FAST,
-                                job=cloak_video.VideoJob(chunk=4, other_model=None))
+        video.cloak_video(bad, output=str(out), config=FAST,
+                          job=video.VideoJob(chunk=4, other_model=None))
     assert not out.exists()
 
 
 def test_video_keeps_audio_and_frame_rate(data_dir, tmp_path):
     src = data_dir / "video" / "hamilton_clip.mp4"
     out = tmp_path / "ham.mp4"
-    job = cloak_video.VideoJob(chunk=4, other_model=None, max_frames=4)
-    _, rep = cloak_video.cloak_video(src, output=str(out), config=FAST, job=job)
+    job = video.VideoJob(chunk=4, other_model=None, max_frames=4)
+    rep = video.summary(video.cloak_video(src, output=str(out), config=FAST, job=job))
     info = video_io.probe(out)
     assert info.audio_codec is not None
     assert abs(info.fps - 29.97) < 0.01
-    assert rep["frames"] == 4 and rep["tracks"] >= 1
+    assert rep["frames_in"] == rep["frames_out"] == 4 and rep["tracks"] >= 1
 
 
 def test_cloak_images_two_faces_in_one_call(data_dir):
     img = image_io.read_image(data_dir / "multi" / "two_people.jpg")
-    out, rep = cloak_images.cloak_images([img], config=FAST)
+    res = photos.cloak_images([img], config=FAST)
+    out, rep = res.images, photos.summary(res)
     assert len(rep["images"][0]["faces"]) == 2
     assert out[0].shape == img.shape and np.any(out[0] != img)
     assert all(f["iterations"] <= FAST.max_iters for f in rep["images"][0]["faces"])
+    # Typed per-face records: arrays over the faces, and the protection measured again through
+    # `recognise` on the written photo agrees with the method's own (same chips, same model).
+    assert len(res.faces) == 2 and res.faces.iterations.shape == (2,)
+    np.testing.assert_allclose(res.faces.recognised_distance,
+                               res.faces.metrics["protection"], atol=0.08)
 
 
 def test_cloak_cli_bad_inputs_leave_inputs_untouched(data_dir, tmp_path):
@@ -182,7 +191,7 @@ def test_cloak_cli_bad_inputs_leave_inputs_untouched(data_dir, tmp_path):
 
 def test_default_mode_is_the_measured_config():
     # 'mid' (the CLI default) must be what the benchmarks measure: CloakConfig's defaults.
-    assert cloak_images.config_for("mid", "dlib") == cloak.CloakConfig()
-    low, high = cloak_images.config_for("low"), cloak_images.config_for("high")
+    assert cloak.preset("mid", "dlib") == cloak.CloakConfig()
+    low, high = cloak.preset("low", "dlib"), cloak.preset("high", "dlib")
     assert low.threshold < cloak.CloakConfig().threshold < high.threshold
     assert low.rho < cloak.CloakConfig().rho < high.rho

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from faceveil.engine.pipeline import image_io
 from faceveil.engine.commands import report
+from faceveil.engine.pipeline import image_io
 
 # Colours the plots promise (report._MODE_COLOURS / _COLD_COLOUR), as RGB.
 AFFINE_BLUE = (0x1F, 0x77, 0xB4)
@@ -211,41 +211,10 @@ def test_failed_write_leaves_nothing(tmp_path):
 def test_pyplot_state_untouched():
     # The writers must not import pyplot (its global figure registry and backend switching).
     code = ("import sys, numpy as np, tempfile, os\n"
-            "from faceveil.engine import report\n"
+            "from faceveil.engine.commands import report\n"
             "d = tempfile.mkdtemp()\n"
             "report.plot_iterations(os.path.join(d, 'a.png'), {'none': np.arange(5.0)})\n"
             "print('matplotlib.pyplot' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "False"
-
-
-def test_summarise():
-    text = report.summarise({
-        "frames": 100, "tracks": 1, "faces": 100, "reuse": "affine", "iterations": 1185,
-        "protection": {"mean": 1.12, "min": 0.98}, "ssim": {"mean": 0.9821, "min": 0.975},
-        "baseline": {"iterations": 2245, "protection": {"mean": 1.10, "min": 0.97}},
-        "seconds": 29.4, "outputs": {"video": "out/v.mp4", "report": "out/report.json"},
-    })
-    lines = text.splitlines()
-    assert lines[0] == "100 frames, 1 face track, 100 faces optimised (reuse: affine)"
-    # 1 - 1185 / 2245 = 0.4722 (DESIGN.md's iterations saved), computed from the baseline.
-    assert "saved 47.2% against 2,245 without reuse" in lines[1]
-    assert "11.8 per face" in lines[1]
-    assert lines[2] == ("protection: mean 1.120, min 0.980 "
-                        "(without reuse: mean 1.100, min 0.970)")
-    assert lines[3] == "SSIM: mean 0.9821, min 0.9750"
-    assert lines[4] == "speed: 3.40 frames/s (29.4 s)"  # 100 / 29.4
-    assert lines[5:] == ["outputs: video -> out/v.mp4", "         report -> out/report.json"]
-    # An explicit iterations_saved wins; per-frame counts are summed; missing keys are skipped.
-    text = report.summarise({"frames": [{}, {}], "iterations": [3, 4.0],
-                             "iterations_saved": 0.25, "protection": 0.5})
-    assert text.splitlines() == ["2 frames", "iterations: 7; saved 25.0%",
-                                 "protection: mean 0.500"]
-
-
-def test_summarise_rejects_empty():
-    with pytest.raises(ValueError, match="frames"):
-        report.summarise({})
-    with pytest.raises(ValueError, match="frames"):
-        report.summarise([])

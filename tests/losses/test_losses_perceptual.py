@@ -1,4 +1,4 @@
-"""SSIM, DSSIM and PSNR against scikit-image and numpy on real photos of the shared data."""
+"""SSIM, DSSIM and PSNR against scikit-image and numpy on real photos of the test data."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def _load_square(path, size):
 
 @pytest.fixture(scope="module")
 def photos(data_dir):
-    """Returns [6, 128, 128, 3] real face photos from ../shared/data/faces."""
+    """Returns [n <= 6, 128, 128, 3] real face photos from data_dir/faces, one per identity."""
     files = sorted(
         p for p in (data_dir / "faces").rglob("*") if p.suffix.lower() in (".jpg", ".png")
     )

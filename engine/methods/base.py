@@ -1,0 +1,150 @@
+"""The method interface and the compiled chain runner that every protection method plugs into.
+
+A method is a frozen dataclass (hashable: one compilation per method) with
+
+    name                 'cloak', ...
+    recogniser           the `faceveil.models.registry.Recogniser` it works against
+    config               its frozen config (named presets live beside it, in one place)
+    cache_key()          what identifies its compiled code
+    init_state(params, key, patch_size) -> state
+                         one chain's carry before its first face (pure; jit-able)
+    target_spec(params, patch_size) -> ShapeDtypeStruct
+                         the per-chain target argument (e.g. target features); zeros when unused
+    step(params, target, state, face: FaceFrame) -> (state, FaceOutput)
+                         one face of one chain: pure, traced once
+
+`chunk_fn(method)` compiles one function over a chunk of frames for C chains: `lax.scan` over
+the T frames of a chain (the state carries from face to face: a warm start, a temporal
+reference), `vmap` over the chains (independent lanes). Targets are an argument of their own, so
+the carry can be donated on accelerators. Still photos are chains of one frame (`solve_faces`).
+The host side (`faceveil.engine.pipeline.faces`, `.chains`) plans the faces and packs lanes.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple, Protocol
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+
+class FaceFrame(NamedTuple):
+    """One face of one chain in one frame (a method's input); batched as [C, T, ...]."""
+
+    patch: jax.Array  # [P, P, 3] uint8 clean face patch (real frame pixels)
+    m_chip: jax.Array  # [2, 3] float32 recogniser chip pixels -> patch pixels
+    landmarks: jax.Array  # [5, 2] float32 landmarks in patch pixels
+    offset: jax.Array  # [2] float32 patch top-left (x, y) in frame pixels
+    present: jax.Array  # [] bool, the chain has a face in this frame
+
+
+class FaceOutput(NamedTuple):
+    """What a method returns for one face; batched as [C, T, ...] in a ChunkResult."""
+
+    protected: jax.Array  # [P, P, 3] uint8 protected patch (the clean patch where no face)
+    iters: jax.Array  # [] int32 optimisation steps made (0 where no face)
+    metrics: Any  # the method's NamedTuple of per-face diagnostics (NaN where no face)
+
+
+ChunkResult = FaceOutput  # the same fields with leading axes [C, T]
+
+
+class Method(Protocol):
+    """A protection method (module docstring)."""
+
+    name: str
+    recogniser: Any
+    config: Any
+
+    def cache_key(self) -> tuple: ...
+
+    def init_state(self, params, key: ArrayLike, patch_size: int) -> Any: ...
+
+    def target_spec(self, params, patch_size: int) -> jax.ShapeDtypeStruct: ...
+
+    def step(self, params, target, state, face: FaceFrame) -> tuple[Any, FaceOutput]: ...
+
+
+def _chunk(method: Method, params, frames: FaceFrame, carry, target):
+    def chain(frames_one, carry_one, target_one):
+        step = functools.partial(method.step, params, target_one)
+        return jax.lax.scan(step, carry_one, frames_one)
+
+    return jax.vmap(chain)(frames, carry, target)
+
+
+_CHUNK_FNS: dict = {}
+
+
+def donates() -> bool:
+    """Returns whether carries are donated (accelerators; XLA's CPU backend ignores donation)."""
+    return jax.default_backend() != "cpu"
+
+
+def chunk_fn(method: Method) -> Callable:
+    """Returns the jitted `(params, frames, carry, target) -> (carry, ChunkResult)` of a method.
+
+    `frames` is a FaceFrame [C, T, ...], `carry` the method's state [C, ...] (`init_carry` or
+    the previous chunk's; donated on accelerators), `target` [C, ...] as `target_spec` says.
+    One function per method, cached, so every chunk of the same shape reuses one compilation.
+    """
+    key = method.cache_key()
+    fn = _CHUNK_FNS.get(key)
+    if fn is None:
+        fn = jax.jit(functools.partial(_chunk, method),
+                     donate_argnums=(2,) if donates() else ())
+        _CHUNK_FNS[key] = fn
+    return fn
+
+
+@functools.cache
+def _init_fn(method: Method, patch_size: int):
+    return jax.jit(jax.vmap(lambda params, key: method.init_state(params, key, patch_size),
+                            (None, 0)))
+
+
+def init_carry(method: Method, params, keys: ArrayLike, patch_size: int):
+    """Returns the carry [C, ...] of chains that have seen no face, one PRNG key [C] each."""
+    return _init_fn(method, patch_size)(params, jnp.asarray(keys))
+
+
+def empty_target(method: Method, params, num_chains: int, patch_size: int) -> jax.Array:
+    """Returns zeros [C, ...] for the target argument of a method run without targets."""
+    spec = method.target_spec(params, patch_size)
+    return jnp.zeros((num_chains,) + tuple(spec.shape), spec.dtype)
+
+
+def still_frames(patches: ArrayLike, m_chip: ArrayLike) -> FaceFrame:
+    """Returns the FaceFrame [B, 1, ...] of B still faces (each a chain of one frame)."""
+    patches = jnp.asarray(patches)
+    if patches.dtype != jnp.uint8:
+        patches = jnp.round(jnp.clip(patches, 0.0, 1.0) * 255.0).astype(jnp.uint8)
+    b = patches.shape[0]
+    return FaceFrame(
+        patch=patches[:, None], m_chip=jnp.asarray(m_chip, jnp.float32)[:, None],
+        landmarks=jnp.zeros((b, 1, 5, 2), jnp.float32),
+        offset=jnp.zeros((b, 1, 2), jnp.float32), present=jnp.ones((b, 1), bool))
+
+
+def solve_faces(method: Method, params, patches: ArrayLike, m_chip: ArrayLike, key: ArrayLike,
+                *, target: ArrayLike | None = None) -> FaceOutput:
+    """Returns the FaceOutput [B, ...] of B still faces, all in one compiled call.
+
+    Args:
+      method: the protection method.
+      params: its recogniser's parameters.
+      patches: [B, P, P, 3] face patches, uint8 or float in [0, 1].
+      m_chip: [B, 2, 3] chip pixels -> patch pixels.
+      key: PRNG key (split into one key per face).
+      target: [B, ...] per-face targets (zeros when None).
+    """
+    frames = still_frames(patches, m_chip)
+    b, size = frames.patch.shape[0], frames.patch.shape[2]
+    carry = init_carry(method, params, jax.random.split(key, b), size)
+    if target is None:
+        target = empty_target(method, params, b, size)
+    _, res = chunk_fn(method)(params, frames, carry, jnp.asarray(target))
+    return jax.tree.map(functools.partial(jnp.squeeze, axis=1), res)
