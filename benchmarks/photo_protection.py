@@ -58,6 +58,7 @@ from PIL import Image
 
 from benchmarks import parity_dlib
 from faceveil.engine import cloak_images, photo_summary
+from faceveil.engine.methods import cloak
 from faceveil.engine.pipeline import faces, image_io, progress, recognise
 from faceveil.models import registry
 
@@ -86,6 +87,8 @@ def _define_flags() -> None:
     flags.DEFINE_string("model", "dlib", "Recogniser cloaked against (one registry name).")
     flags.DEFINE_integer("max_photos", None, "Cloak only the first N photos.")
     flags.DEFINE_integer("seed", 0, "PRNG seed of the cloak's cold starts.")
+    flags.DEFINE_enum("field", "patch", ["patch", "chip"],
+                      "Where the cloak is optimised (CloakConfig.field).")
 
 
 def _log(msg: str) -> None:
@@ -297,7 +300,7 @@ def _rate(rows: list[dict], attacker: str, variant: str, key: str = "protected")
 
 
 def run(data: Path, *, mode: str = "mid", model: str = "dlib", max_photos: int | None = None,
-        seed: int = 0) -> tuple[dict, list[tuple[np.ndarray, np.ndarray]]]:
+        seed: int = 0, field: str = "patch") -> tuple[dict, list[tuple[np.ndarray, np.ndarray]]]:
     """Returns (the JSON report, the resized (clean, cloaked) face crops of the grid rows)."""
     t_start = time.perf_counter()
     photos = identity_photos(data)
@@ -310,8 +313,9 @@ def run(data: Path, *, mode: str = "mid", model: str = "dlib", max_photos: int |
     rel = {p: str(p.relative_to(data)) for _, p in involved}
 
     _log(f"cloaking {len(chosen)} photo(s) of {len(people)} people, mode {mode}, model {model}")
+    config = cloak.preset(mode, model, field=field)
     res = cloak_images([images[p] for _, p in chosen], model=model, mode=mode, seed=seed,
-                       names=[rel[p] for _, p in chosen])
+                       config=config, names=[rel[p] for _, p in chosen])
     n_faces = len(res.faces)
     _log(f"cloak: {n_faces} face(s) in {res.wall_seconds:.1f} s")
 
@@ -446,7 +450,7 @@ def main(argv: list[str]) -> int:
         print(f"photo_protection: --data={data}: no faces/ folder", file=sys.stderr)
         return 2
     report, small = run(data, mode=FLAGS.mode, model=models[0], max_photos=FLAGS.max_photos,
-                        seed=FLAGS.seed)
+                        seed=FLAGS.seed, field=FLAGS.field)
     png = Path(FLAGS.png) if FLAGS.png else (Path(FLAGS.json).with_suffix(".png")
                                              if FLAGS.json else None)
     if png is not None:

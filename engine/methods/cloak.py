@@ -62,6 +62,7 @@ from faceveil.engine.pipeline import align
 from faceveil.losses import objectives
 
 REUSE_MODES = ("none", "copy", "affine")
+FIELDS = ("patch", "chip")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +90,12 @@ class CloakConfig:
         (`features`), so the cloak survives realignment by the attacker's own detector.
       jitter: size of the random alignment jitter each evaluation sees (`jitter_transform`;
         0: always the detected alignment).
+      field: where the optimised cloak lives. 'patch': one value per frame pixel of the face
+        patch. 'chip': one value per pixel of the recogniser's aligned chip, carried to the
+        frame's pixels through the chip warp (bilinear, so smooth on a face larger than the
+        chip): the cloak's strength and cost then do not depend on how many pixels the face
+        covers, and a video's previous cloak is already aligned to the landmarks (its warm
+        start needs no warp; 'copy' and 'affine' reuse coincide).
       views: jittered alignments per evaluation (with jitter 0 there is one, the detected
         alignment). The update follows their mean gradient and the stop rule needs every view
         to pass, so a cloak stops only once it works from several alignments, not from one
@@ -128,6 +135,7 @@ class CloakConfig:
     antialias: bool = True
     jitter: float = 0.03
     views: int = 2
+    field: str = "patch"
 
     def __post_init__(self):
         if self.reuse not in REUSE_MODES:
@@ -136,12 +144,15 @@ class CloakConfig:
             raise ValueError(f"max_iters must be at least 1, got {self.max_iters}")
         if self.views < 1:
             raise ValueError(f"views must be at least 1, got {self.views}")
+        if self.field not in FIELDS:
+            raise ValueError(f"field must be one of {FIELDS}, got '{self.field}'")
 
 
 class ChainCarry(NamedTuple):
     """What one chain passes from frame to frame (and chunk to chunk); leading axis [C]."""
 
-    delta: jax.Array  # [C, P, P, 3] float32 last optimised cloak, in its own patch's pixels
+    delta: jax.Array  # [C, P, P, 3] last optimised cloak in its patch's pixels ([C, S, S, 3]
+    #                   chip pixels with CloakConfig.field 'chip')
     landmarks: jax.Array  # [C, 5, 2] float32 landmarks of that face, in its patch's pixels
     offset: jax.Array  # [C, 2] float32 that patch's top-left in frame pixels
     feat: jax.Array  # [C, D] float32 features of that protected face
@@ -218,8 +229,11 @@ def jitter_transform(key, chip_size: int, amount: float) -> jax.Array:
 
 
 def _solve_frame(recogniser, cfg: CloakConfig, params, orig, m_chip, delta0, feat_prev,
-                 has_prev, target, present, key):
+                 has_prev, target, present, key, to_delta=None):
     """Returns the final _Loop state of one face's Adadelta run with early stop.
+
+    The optimised variable is `delta0`'s shape: the patch cloak itself, or (`to_delta` given,
+    `CloakConfig.field` 'chip') a chip-space field that `to_delta` carries to the patch.
 
     With `cfg.jitter` > 0 every evaluation sees the face through `cfg.views` chip transforms,
     each composed with a fresh random jitter (expectation over alignments, as the recogniser's
@@ -229,8 +243,8 @@ def _solve_frame(recogniser, cfg: CloakConfig, params, orig, m_chip, delta0, fea
     emb0, feat0 = features(recogniser, params, orig, m_chip, cfg.layer, cfg.antialias)
     opt = optax.adadelta(cfg.lr, rho=cfg.adadelta_rho, eps=cfg.adadelta_eps)
 
-    def objective(delta, m_view, feat_clean):
-        prot = jnp.clip(orig + delta, 0.0, 1.0)
+    def objective(var, m_view, feat_clean):
+        prot = jnp.clip(orig + (var if to_delta is None else to_delta(var)), 0.0, 1.0)
         # Straight-through rounding: the value (and the stop test) is the uint8 picture that
         # ships, the gradient is that of the continuous cloak.
         q = prot + lax.stop_gradient(quantise(prot) - prot)
@@ -285,8 +299,11 @@ def _solve_frame(recogniser, cfg: CloakConfig, params, orig, m_chip, delta0, fea
         loss, grad = losses.mean(), grads.mean(axis=0)
         stop = passed | (st.it >= cfg.max_iters)
         updates, new_opt = opt.update(grad, st.opt_state, st.delta)
-        # Keep the protected patch inside [0, 1] so the cloak never drifts where clip hides it.
-        new_delta = jnp.clip(orig + st.delta + updates, 0.0, 1.0) - orig
+        if to_delta is None:
+            # Keep the protected patch in [0, 1] so the cloak never drifts where clip hides it.
+            new_delta = jnp.clip(orig + st.delta + updates, 0.0, 1.0) - orig
+        else:  # a chip field covers many patch pixels: bound it by the pixel range only
+            new_delta = jnp.clip(st.delta + updates, -1.0, 1.0)
 
         def keep(new, old):  # a stopped lane must not move on (vmap runs it further)
             return jnp.where(stop, old, new)
@@ -350,16 +367,29 @@ def _frame_step(recogniser, cfg: CloakConfig, params, target, carry: ChainCarry,
     orig = patch_u8.astype(jnp.float32) / 255.0
     size = orig.shape[0]
     key, sub = jax.random.split(carry.key)
-    delta0 = cfg.init_scale * jax.random.uniform(sub, orig.shape, jnp.float32, -1.0, 1.0)
-    if cfg.reuse != "none":
-        warm = warm_start(cfg.reuse, carry.delta, carry.landmarks, carry.offset, landmarks,
-                          offset, size)
-        delta0 = jnp.where(carry.has_previous, warm, delta0)
-    delta0 = jnp.clip(orig + delta0, 0.0, 1.0) - orig
+    to_delta = None
+    if cfg.field == "chip":
+        m_inv = align.invert(m_chip)
+
+        def to_delta(z):
+            return align.warp(z, m_inv, (size, size), fill=0.0)
+
+        delta0 = cfg.init_scale * jax.random.uniform(sub, carry.delta.shape, jnp.float32,
+                                                     -1.0, 1.0)
+        if cfg.reuse != "none":  # the chip is aligned to the landmarks: no warp needed
+            delta0 = jnp.where(carry.has_previous, carry.delta, delta0)
+    else:
+        delta0 = cfg.init_scale * jax.random.uniform(sub, orig.shape, jnp.float32, -1.0, 1.0)
+        if cfg.reuse != "none":
+            warm = warm_start(cfg.reuse, carry.delta, carry.landmarks, carry.offset, landmarks,
+                              offset, size)
+            delta0 = jnp.where(carry.has_previous, warm, delta0)
+        delta0 = jnp.clip(orig + delta0, 0.0, 1.0) - orig
 
     st = _solve_frame(recogniser, cfg, params, orig, m_chip, delta0, carry.feat,
-                      carry.has_previous, target, present, jax.random.fold_in(sub, 1))
-    final = quantise(jnp.clip(orig + st.delta, 0.0, 1.0))
+                      carry.has_previous, target, present, jax.random.fold_in(sub, 1), to_delta)
+    final = quantise(jnp.clip(orig + (st.delta if to_delta is None else to_delta(st.delta)),
+                              0.0, 1.0))
     protected = jnp.where(present, jnp.round(final * 255.0), patch_u8).astype(jnp.uint8)
 
     def masked(x):
@@ -433,8 +463,9 @@ class CloakMethod:
     def init_state(self, params, key, patch_size: int) -> ChainCarry:
         """Returns the carry of one chain that has seen no face yet (it cold-starts)."""
         feat = self.feature_spec(params, patch_size)
+        side = self.recogniser.chip_size if self.config.field == "chip" else patch_size
         return ChainCarry(
-            delta=jnp.zeros((patch_size, patch_size, 3), jnp.float32),
+            delta=jnp.zeros((side, side, 3), jnp.float32),
             landmarks=jnp.zeros((5, 2), jnp.float32), offset=jnp.zeros((2,), jnp.float32),
             feat=jnp.zeros(feat.shape, jnp.float32), has_previous=jnp.zeros((), bool),
             key=jnp.asarray(key))

@@ -568,3 +568,49 @@ def test_more_views_make_the_cloak_hold_under_fresh_alignments(tiny, video):
         out[views] = held(protected), int(np.sum(iters))
     # Measured: 0.30 of fresh views held with one view per evaluation, 0.73 with four.
     assert out[4][0] > out[1][0] + 0.2, out
+
+
+def test_field_must_be_known():
+    with pytest.raises(ValueError, match="field"):
+        cloak.CloakConfig(field="pixels")
+
+
+def test_chip_field_cloak_stays_on_the_chip_and_protects(tiny, video):
+    # field 'chip': the optimised variable is a chip-sized field carried to the patch through
+    # the chip warp, so the cloak is zero outside the chip's footprint and has the chip's
+    # size whatever the patch's.
+    rec, params = tiny
+    frames, lms = video
+    # Landmarks pulled halfway to the patch centre: a chip footprint of ~32 of the 64 px.
+    small = (lms[:4] - P / 2) * 0.5 + P / 2
+    m = jax.vmap(align.chip_transform, (0, None))(jnp.asarray(small), rec.template)
+    cfg = cloak.CloakConfig(field="chip", **VIDEO_CFG)
+    protected, iters, met = cloak.cloak_faces(params, rec, frames[:4], m, jax.random.key(5), cfg)
+    assert bool(np.all(met.passed)) and np.all(np.asarray(iters) >= 1)
+    diff = np.abs(np.asarray(protected, np.int16) - frames[:4]).max(axis=-1)
+    # Patch pixels whose chip coordinates fall outside the chip (with a pixel of bilinear
+    # reach) must be untouched.
+    yy, xx = np.mgrid[:P, :P]
+    pts = np.stack([xx.ravel(), yy.ravel()], 1).astype(np.float32)
+    for t in range(4):
+        inv = np.asarray(align.invert(m[t]))
+        chip_xy = pts @ inv[:, :2].T + inv[:, 2]
+        outside = ((chip_xy < -1) | (chip_xy > rec.chip_size)).any(axis=1).reshape(P, P)
+        assert outside.any() and diff[t][outside].max() == 0
+        assert diff[t][~outside].max() > 0
+
+
+def test_chip_field_warm_start_reuses_the_aligned_field(tiny, video):
+    # With threshold -inf nothing is updated: the carried chip field after two frames is the
+    # first frame's cold start, unwarped (the chip is aligned to the landmarks already).
+    rec, params = tiny
+    frames, lms = video
+    cfg = cloak.CloakConfig(field="chip", threshold=-np.inf, reuse="affine")
+    fn = _fn(rec, cfg)
+    carry = _init(rec, params, cfg, jax.random.key(3), 1)
+    assert carry.delta.shape == (1, rec.chip_size, rec.chip_size, 3)
+    one, _ = fn(params, _chain_frames(tiny, frames[:1], lms[:1]), carry, carry.feat)
+    two, res = fn(params, _chain_frames(tiny, frames[:2], lms[:2]), carry, carry.feat)
+    np.testing.assert_array_equal(res.iters, [[0, 0]])
+    np.testing.assert_allclose(two.delta, one.delta)
+    assert np.abs(np.asarray(one.delta)).max() > 0
