@@ -4,9 +4,10 @@
     faceveil detect --input IMAGE_OR_VIDEO [--output annotated.png|.mp4] [--json faces.json]
     faceveil compare IMAGE_A IMAGE_B [--model dlib|facenet]
     faceveil cloak IMAGES... --out DIR [--model dlib|facenet] [--mode low|mid|high]
-                   [--target-pool DIR]
+                   [--target-pool DIR] [--field patch|chip]
     faceveil cloak-video --input IN.mp4 --output OUT.mp4 [--reuse none|copy|affine]
                    [--report report.json] [--model ...] [--mode ...] [--segment L]
+                   [--field patch|chip]
     faceveil demo [--out DIR]
     faceveil check --protected FILES_OR_DIR[,...] --references DIR [--model dlib,facenet]
                    [--png out.png] [--json out.json]
@@ -38,6 +39,9 @@ flags.DEFINE_string("png", None, "check: where to write the distance chart (.png
 flags.DEFINE_string("out", None, "cloak/demo: output folder (demo default: out/demo).")
 flags.DEFINE_enum("mode", "mid", ["low", "mid", "high"], "cloak: visual budget and strength.")
 flags.DEFINE_string("target-pool", None, "cloak: folder of identity folders (targeted cloak).")
+flags.DEFINE_enum("field", "patch", ["patch", "chip"],
+                  "cloak/cloak-video: optimise the cloak per frame pixel ('patch') or per pixel of "
+                  "the recogniser's aligned chip ('chip': as strong on large faces as on small).")
 flags.DEFINE_enum("reuse", "affine", ["none", "copy", "affine"],
                   "cloak-video: warm start from the previous frame's cloak.")
 flags.DEFINE_string("report", None, "cloak-video: report JSON (PNGs are written beside it).")
@@ -95,7 +99,8 @@ def _cmd_cloak(args):
     if not args:
         raise UserError("cloak needs at least one image: faceveil cloak IMAGES... --out DIR")
     cloak_cli.run_images(args, FLAGS.out, model=FLAGS.model, mode=FLAGS.mode,
-                         target_pool=FLAGS["target-pool"].value, overwrite=FLAGS.overwrite)
+                         target_pool=FLAGS["target-pool"].value, overwrite=FLAGS.overwrite,
+                         field=FLAGS.field)
 
 
 def _cmd_cloak_video(args):
@@ -108,7 +113,7 @@ def _cmd_cloak_video(args):
     cloak_cli.run_video(FLAGS.input, FLAGS.output, report_path=FLAGS.report,
                         reuse=FLAGS.reuse, model=FLAGS.model, mode=FLAGS.mode,
                         chunk=FLAGS.chunk, max_frames=FLAGS.frames, resume=FLAGS.resume,
-                        overwrite=FLAGS.overwrite, segment=FLAGS.segment)
+                        overwrite=FLAGS.overwrite, segment=FLAGS.segment, field=FLAGS.field)
 
 
 def _cmd_demo(args):

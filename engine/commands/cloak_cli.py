@@ -64,13 +64,13 @@ def write_video_report(path: str, result: video.VideoResult) -> dict:
 def run_video(input_path: str, output: str, *, report_path: str | None, reuse: str,
               model: str, mode: str, chunk: int, max_frames: int | None,
               resume: bool = True, overwrite: bool = False,
-              segment: int | None = None) -> dict:
+              segment: int | None = None, field: str = "patch") -> dict:
     """Returns the report of cloaking a video file (the `cloak-video` command)."""
     if not video_io.is_video(output):
         raise image_io.InputError(output, "the output must be a video file (.mp4, .mkv, ...)")
     image_io.ensure_not_input(output, [input_path], overwrite=overwrite)
     report_path = report_path or str(Path(output).with_suffix(".json"))
-    config = cloak.preset(mode, model, reuse=reuse)
+    config = cloak.preset(mode, model, reuse=reuse, field=field)
     if segment is not None and segment < 1:
         raise image_io.InputError(input_path, f"--segment must be at least 1 frame, got {segment}")
     job = video.VideoJob(model=model, chunk=chunk, max_frames=max_frames, segment=segment)
@@ -106,7 +106,7 @@ def _headline(rep: dict) -> str:
 
 
 def run_images(paths: list[str], out_dir: str, *, model: str, mode: str,
-               target_pool: str | None, overwrite: bool = False) -> dict:
+               target_pool: str | None, overwrite: bool = False, field: str = "patch") -> dict:
     """Returns the report of cloaking photos (the `cloak` command); writes PNGs into out_dir."""
     if not paths:
         raise image_io.InputError(out_dir, "no input images given")
@@ -115,8 +115,9 @@ def run_images(paths: list[str], out_dir: str, *, model: str, mode: str,
     targets = [out / f"{Path(p).stem}_cloaked.png" for p in paths]
     for t in targets:
         image_io.ensure_not_input(t, paths, overwrite=overwrite)
+    config = cloak.preset(mode, model, targeted=target_pool is not None, field=field)
     result = photos.cloak_images(images, model=model, mode=mode, target_pool=target_pool,
-                                 names=[Path(p).name for p in paths])
+                                 config=config, names=[Path(p).name for p in paths])
     rep = photos.summary(result)
     for p, t, img, entry in zip(paths, targets, result.images, rep["images"]):
         # PNG: a lossy format would wash out the cloak it carries.
