@@ -96,10 +96,10 @@ def probe(path: str | os.PathLike) -> VideoInfo:
         gen = imageio_ffmpeg.read_frames(path)
         meta = next(gen)
         gen.close()
-        frames, _ = imageio_ffmpeg.count_frames_and_secs(path)
     except (RuntimeError, OSError, StopIteration) as e:
         raise InputError(path, f"not a readable video ({str(e).splitlines()[0][:200]})") from e
     w, h = meta["size"]
+    frames = count_frames(path)
     if frames <= 0:
         raise InputError(path, "the video holds no frames")
     audio_codec = meta.get("audio_codec")
@@ -129,20 +129,26 @@ def iter_chunks(path: str | os.PathLike, chunk: int, *, start: int = 0,
     """
     imageio_ffmpeg = _imageio_ffmpeg()
 
-    info = probe(path)
+    path = str(path)
+    if not os.path.isfile(path):
+        raise InputError(path, "no such file")
     # Passthrough: the stream's own pictures only. By default ffmpeg fills a late-starting
     # picture (the shared clip starts 0.85 s after its audio) with 26 copies of its first frame,
     # frames the file does not hold (probe's count would then disagree with what is decoded).
-    gen = imageio_ffmpeg.read_frames(str(path), output_params=["-fps_mode", "passthrough"])
-    next(gen)
+    gen = imageio_ffmpeg.read_frames(path, output_params=["-fps_mode", "passthrough"])
+    try:
+        width, height = next(gen)["size"]  # the decoder's own metadata: no second pass
+    except (RuntimeError, OSError, StopIteration) as e:
+        gen.close()
+        raise InputError(path, f"not a readable video ({str(e).splitlines()[0][:200]})") from e
     buf, index, emitted = [], 0, 0
-    n_frame_bytes = info.width * info.height * 3
+    n_frame_bytes = width * height * 3
     try:
         for raw in gen:
             if len(raw) != n_frame_bytes:
                 raise InputError(path, f"frame {index} is incomplete (truncated file?)")
             if index >= start:
-                buf.append(np.frombuffer(raw, np.uint8).reshape(info.height, info.width, 3))
+                buf.append(np.frombuffer(raw, np.uint8).reshape(height, width, 3))
                 emitted += 1
                 if len(buf) == chunk:
                     yield np.stack(buf)
@@ -159,22 +165,20 @@ def iter_chunks(path: str | os.PathLike, chunk: int, *, start: int = 0,
 
 
 def count_frames(path: str | os.PathLike) -> int:
-    """Returns how many video frames of `path` (its first video stream) actually decode.
+    """Returns how many video frames of `path` (its first video stream) decode.
 
-    Unlike `probe(...).frames` (a count of packets), this decodes the whole stream, so it is
-    the number of pictures a player shows; e.g. to compare a job's output with its input.
+    The whole stream is decoded (imageio-ffmpeg's counter), so it is the number of pictures a
+    player shows; e.g. to compare a job's output with its input.
     """
     path = str(path)
     if not os.path.isfile(path):
         raise InputError(path, "no such file")
-    cmd = [_imageio_ffmpeg().get_ffmpeg_exe(), "-nostdin", "-hide_banner", "-v", "error",
-           "-i", path, "-map", "0:v:0", "-f", "null", "-progress", "pipe:1", "-nostats", "-"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace", check=False)
-    counts = re.findall(r"^frame=\s*(\d+)\s*$", proc.stdout, re.MULTILINE)
-    if proc.returncode != 0 or not counts:
-        reason = (proc.stderr.strip().splitlines() or ["no progress reported"])[-1][:200]
-        raise InputError(path, f"its frames could not be decoded ({reason})")
-    return int(counts[-1])
+    try:
+        frames, _ = _imageio_ffmpeg().count_frames_and_secs(path)
+    except (RuntimeError, OSError) as e:
+        reason = (str(e).strip().splitlines() or ["ffmpeg failed"])[-1][:200]
+        raise InputError(path, f"its frames could not be decoded ({reason})") from e
+    return int(frames)
 
 
 def read_video(path: str | os.PathLike, *, limit: int | None = None) -> np.ndarray:
@@ -204,9 +208,9 @@ class VideoWriter:
         self.fps = fps
         self.audio_from = None if audio_from is None else str(audio_from)
         # The picture starts this many seconds after the audio, as in the source (default:
-        # probed from audio_from), so the sound stays in sync with the frames.
+        # read from audio_from), so the sound stays in sync with the frames.
         if audio_lead is None:
-            audio_lead = probe(self.audio_from).audio_lead if self.audio_from else 0.0
+            audio_lead = _audio_lead(self.audio_from) if self.audio_from else 0.0
         self.audio_lead = float(audio_lead)
         self.quality = quality
         self.frames_written = 0
