@@ -85,8 +85,7 @@ def _photos_under(folder: Path, what: str = "") -> list[Path]:
     """Returns every .jpg/.jpeg/.png file under `folder`, sorted; InputError if there is none."""
     from faceveil.engine.pipeline import recognise
 
-    found = sorted(f for f in folder.rglob("*")
-                   if f.is_file() and f.suffix.lower() in recognise.PHOTO_SUFFIXES)
+    found = recognise.photo_files([folder])
     if not found:
         raise image_io.InputError(
             folder, f"no photo ({', '.join(recognise.PHOTO_SUFFIXES)}) in this folder{what}")
@@ -115,21 +114,15 @@ def protected_files(paths: Iterable[str | os.PathLike]) -> list[Path]:
 def _reference_gallery(references: Path, files: Sequence[Path], model: str) -> np.ndarray:
     """Returns the embeddings [N, D] of the largest face of each reference photo with a face.
 
-    One `photo_gallery` call per photo: a photo without a face is skipped here, and a gallery
-    that ends up empty is this function's InputError (photo_gallery itself cannot return an
-    empty gallery: it fails reshaping zero embeddings).
+    Raises:
+      InputError: no reference photo has a face.
     """
     from faceveil.engine.pipeline import recognise
 
-    embs = []
-    for f in files:
-        try:
-            embs.append(recognise.photo_gallery([f], model)[1][0])
-        except recognise.NoFaceError:
-            continue  # not a reference: nothing to compare with
-    if not embs:
+    _, embs = recognise.photo_gallery(files, model, skip_faceless=True)
+    if not len(embs):
         raise image_io.InputError(references, "no reference photo with a face")
-    return np.stack(embs)
+    return embs
 
 
 def check_photos(

@@ -1,7 +1,8 @@
 """The one host face pipeline every method shares: find faces, plan them for a recogniser, batch.
 
     find      `detect_photo` / `find_photo_faces` (one photo, any size, a few compiled shapes)
-              `find_video_faces` (chunked detection, score and size filters, tracks)
+              `detect_frames` + `track_faces` (chunked detection, score and size filters,
+              tracks across frames)
     plan      `chip_transforms` (the one alignment path: template, chip size and aspect of the
               recogniser) and `plan_faces` (a patch of real frame pixels around each face, with
               the chip transform in patch pixels)

@@ -95,6 +95,18 @@ def largest_face(image: np.ndarray, *, min_score: float = 0.9, source: str = "im
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
+def photo_files(paths) -> list[Path]:
+    """Returns the photos of `paths`: files as given, folders as every photo under them."""
+    files = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*")
+                            if f.is_file() and f.suffix.lower() in PHOTO_SUFFIXES)
+        else:
+            files.append(p)
+    return files
+
+
 def photo_gallery(paths, model: str = "dlib", *, skip_faceless: bool = False):
     """Returns (identities [N] str, embeddings [N, D]) of the largest face of each photo.
 
@@ -102,14 +114,8 @@ def photo_gallery(paths, model: str = "dlib", *, skip_faceless: bool = False):
     stands for every .jpg/.jpeg/.png under it. A photo without a face is a NoFaceError naming
     it, or is skipped with `skip_faceless`.
     """
-    files = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.suffix.lower() in PHOTO_SUFFIXES)
-        else:
-            files.append(p)
     names, embs = [], []
-    for f in files:
+    for f in photo_files(paths):
         image = image_io.read_image(f)
         try:
             _, lms, _ = largest_face(image, source=str(f))
