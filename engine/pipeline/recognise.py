@@ -16,6 +16,9 @@ class NoFaceError(image_io.InputError):
     """No face was found where one was needed."""
 
 
+FRAME_BUCKET = 256
+
+
 @functools.cache
 def _embed_fn(name: str):
     from faceveil.models import registry
@@ -49,10 +52,18 @@ def embed_faces(image: np.ndarray, landmarks: np.ndarray, model: str = "dlib"):
     """
     _, params = recogniser_params(model)
     rec, embed = _embed_fn(model)
-    frame = image_io.to_float(image)
     m_chip = faces.chip_transforms(landmarks, rec)  # the one alignment path (pipeline.faces)
-    emb, chips = embed(params, jnp.asarray(frame), jnp.asarray(m_chip))
-    return np.asarray(emb), np.asarray(chips)
+    k = m_chip.shape[0]
+    # A few compiled shapes serve every photo: the frame is padded with black to a multiple of
+    # FRAME_BUCKET per side (the warp samples 0 outside the frame anyway, so the chips are the
+    # same) and the faces to a batch bucket.
+    frame = image_io.to_float(image)
+    h, w = frame.shape[:2]
+    frame = np.pad(frame, ((0, -(-h // FRAME_BUCKET) * FRAME_BUCKET - h),
+                           (0, -(-w // FRAME_BUCKET) * FRAME_BUCKET - w), (0, 0)))
+    m_pad = faces.pad_batch(m_chip, faces.batch_bucket(k))
+    emb, chips = embed(params, jnp.asarray(frame), jnp.asarray(m_pad))
+    return np.asarray(emb)[:k], np.asarray(chips)[:k]
 
 
 def track_embeddings(frames: np.ndarray, landmarks: np.ndarray, mask: np.ndarray,
