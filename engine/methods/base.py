@@ -111,9 +111,16 @@ def init_carry(method: Method, params, keys: ArrayLike, patch_size: int):
     return _init_fn(method, patch_size)(params, jnp.asarray(keys))
 
 
+_TARGET_SPECS: dict = {}
+
+
 def empty_target(method: Method, params, num_chains: int, patch_size: int) -> jax.Array:
     """Returns zeros [C, ...] for the target argument of a method run without targets."""
-    spec = method.target_spec(params, patch_size)
+    # The spec traces the recogniser (eval_shape); it depends only on the method and the patch
+    # side, so it is traced once, not at every call of a video's chain runner.
+    spec = _TARGET_SPECS.get((method, patch_size))
+    if spec is None:
+        spec = _TARGET_SPECS[(method, patch_size)] = method.target_spec(params, patch_size)
     return jnp.zeros((num_chains,) + tuple(spec.shape), spec.dtype)
 
 

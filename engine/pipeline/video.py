@@ -121,7 +121,7 @@ def summary(result: VideoResult) -> dict:
     prot, ssim = faces_of("protection"), faces_of("ssim")
     out = {
         "source": result.source, "method": result.method, "model": result.model,
-        "fps": result.fps, "frames": result.frames_in, "frames_in": result.frames_in,
+        "fps": result.fps, "frames_in": result.frames_in,
         "frames_out": result.frames_out, "tracks": result.faces.tracks.num_tracks,
         "config": dataclasses.asdict(result.config), "job": dataclasses.asdict(result.job),
         "small_faces_left_alone": int(result.faces.detections["small"].sum()),
