@@ -19,6 +19,10 @@ for the modes in --attack_modes the cloaked frames are re-detected and embedded 
 recogniser would, and compared with the person's clean references (the track's other frames;
 the labelled photos of --references), with --model and with --other_model, on the frames as
 cloaked and after H.264 encoding with the writer's settings (what `cloak-video` publishes).
+The `dlib_bin` attacker (`benchmarks.dlib_attacker`) does the same with dlib-bin's own
+detector, landmarks and ResNet, independent of our code; faces it cannot find in the CLEAN
+frame are left out of its figures (counted in `clean_missed_face`). `--attackers` picks
+`ours` (the recognisers above), `dlib_bin`, or both.
 A PNG of iterations per frame is written next to the JSON.
 """
 
@@ -40,6 +44,8 @@ from faceveil.engine.methods import cloak
 from faceveil.engine.pipeline import chains, recognise, video, video_io
 
 MODES = ("none", "copy", "affine")
+ATTACKERS = ("ours", "dlib_bin")
+DLIB_BIN_THRESHOLD = 0.6
 
 flags.DEFINE_string("video", None, "Video to read.")
 flags.DEFINE_integer("frames", None, "Frames to use (default: all from --start on).")
@@ -50,6 +56,9 @@ flags.DEFINE_string("other_model", "facenet", "Second recogniser for the cross-m
 flags.DEFINE_string("json", None, "Where to write the JSON report (also printed).")
 flags.DEFINE_list("modes", list(MODES), "Reuse modes to run; 'none' is the baseline.")
 flags.DEFINE_list("attack_modes", ["affine"], "Modes whose output the attacker's view checks.")
+flags.DEFINE_list("attackers", list(ATTACKERS),
+                  "Attackers of the attacker's view: 'ours' (--model, --other_model), "
+                  "'dlib_bin' (dlib-bin's own pipeline).")
 flags.DEFINE_list("references", ["../shared/data/faces"],
                   "Labelled reference photos (folders: faces/<identity>/*.jpg) for the "
                   "attacker's view; empty for none.")
@@ -130,14 +139,43 @@ def h264_round_trip(frames: np.ndarray, fps: float) -> np.ndarray:
         return video_io.read_video(path)
 
 
+def attack_dlib_bin(clip, frames: np.ndarray, result: video.VideoResult, gallery_paths,
+                    cache: dict) -> dict:
+    """Returns dlib-bin's attacker's-view summary of one cloaked version of the clip."""
+    from benchmarks import dlib_attacker  # needs the dlib oracle; only this attacker does
+
+    boxes, mask = result.boxes, result.mask
+    if "dlib_bin" not in cache:  # clean embeddings and gallery: once
+        gallery = dlib_attacker.photo_gallery_dlib_bin(gallery_paths) if gallery_paths else None
+        cache["dlib_bin"] = (*dlib_attacker.track_embeddings_dlib_bin(clip, boxes, mask),
+                             gallery)
+    clean, clean_found, gallery = cache["dlib_bin"]
+    # A face dlib-bin misses in the clean frame says nothing about the cloak: left out.
+    used = mask & clean_found
+    attacked, found = dlib_attacker.track_embeddings_dlib_bin(frames, boxes, used)
+    dist, who = protection.reference_distances(clean, attacked, found, used, gallery,
+                                               threshold=DLIB_BIN_THRESHOLD)
+    return protection.summarise(dist, found, used, DLIB_BIN_THRESHOLD) | {
+        "model": "dlib_bin", "clean_missed_face": int((mask & ~clean_found).sum()),
+        "track_identities": who}
+
+
 def attack(clip, versions: dict, result: video.VideoResult, models, gallery_paths,
-           cache: dict) -> dict:
+           cache: dict, attackers=ATTACKERS) -> dict:
     """Returns {version: {model: attacker's-view summary}} for cloaked versions of the clip."""
     lms, boxes, mask = result.landmarks, result.boxes, result.mask
     out = {}
     for name, frames in versions.items():
-        det = protection.detect_frames(frames)
         out[name] = {}
+        if "dlib_bin" in attackers:
+            t0 = time.perf_counter()
+            out[name]["dlib_bin"] = attack_dlib_bin(clip, frames, result, gallery_paths, cache)
+            _progress(f"  attack {name} dlib_bin: protected vs all references "
+                      f"{out[name]['dlib_bin']['fraction_protected_all']:.3f} "
+                      f"({time.perf_counter() - t0:.1f} s)")
+        if "ours" not in attackers:
+            continue
+        det = protection.detect_frames(frames)
         for model in models:
             if model not in cache:  # clean embeddings and gallery: once per model
                 gallery = (recognise.photo_gallery(gallery_paths, model)
@@ -155,8 +193,9 @@ def attack(clip, versions: dict, result: video.VideoResult, models, gallery_path
 def measure(path: str, *, start: int = 0, frames: int | None = None, model: str = "dlib",
             mode: str = "mid",
             other_model: str | None = "facenet", modes=MODES, attack_modes=("affine",),
-            references=(), chunk: int = 16, segment: int | None = None, seed: int = 0,
-            min_score: float = 0.9, min_face: float = 40.0, **config_overrides) -> dict:
+            attackers=ATTACKERS, references=(), chunk: int = 16, segment: int | None = None,
+            seed: int = 0, min_score: float = 0.9, min_face: float = 40.0,
+            **config_overrides) -> dict:
     """Returns the benchmark report: {mode: summary, ..., 'setup': what was measured}."""
     t0 = time.perf_counter()
     clip = np.concatenate(list(video_io.iter_chunks(path, 64, start=start, limit=frames)))
@@ -179,7 +218,8 @@ def measure(path: str, *, start: int = 0, frames: int | None = None, model: str 
             raise SystemExit(f"{path}: no face track in frames {start}..{start + len(clip) - 1}")
         if reuse in attack_modes:
             versions = {"frames": res.frames, "h264": h264_round_trip(res.frames, fps)}
-            attacks[reuse] = attack(clip, versions, res, models, list(references), cache)
+            attacks[reuse] = attack(clip, versions, res, models, list(references), cache,
+                                    attackers)
         runs[reuse] = res
     r0 = runs[modes[0]]
     sched = chains.make_schedule(len(clip), chunk, segment)
@@ -187,7 +227,8 @@ def measure(path: str, *, start: int = 0, frames: int | None = None, model: str 
     mask = r0.mask
     report["setup"] = {
         "video": str(path), "start": start, "frames": len(clip), "model": model, "mode": mode,
-        "other_model": other_model, "references": list(references),
+        "other_model": other_model, "attackers": list(attackers),
+        "references": list(references),
         "tracks": int(mask.shape[0]), "faces_per_track": mask.sum(axis=1).tolist(),
         "track_spans": [[int(np.flatnonzero(m)[0]) + start, int(np.flatnonzero(m)[-1]) + start]
                         for m in mask],
@@ -204,10 +245,14 @@ def _main(argv):
     unknown = [m for m in FLAGS.modes if m not in MODES]
     if unknown:
         raise app.UsageError(f"unknown modes {unknown}; modes are {MODES}")
+    unknown = [a for a in FLAGS.attackers if a not in ATTACKERS]
+    if unknown:
+        raise app.UsageError(f"unknown attackers {unknown}; attackers are {ATTACKERS}")
     report = measure(FLAGS.video, start=FLAGS.start, frames=FLAGS.frames, model=FLAGS.model,
                      mode=FLAGS.mode,
                      other_model=FLAGS.other_model or None, modes=FLAGS.modes,
-                     attack_modes=FLAGS.attack_modes, references=FLAGS.references,
+                     attack_modes=FLAGS.attack_modes, attackers=FLAGS.attackers,
+                     references=FLAGS.references,
                      chunk=FLAGS.chunk, segment=FLAGS.segment, seed=FLAGS.seed,
                      min_score=FLAGS.min_score, min_face=FLAGS.min_face,
                      threshold=FLAGS.threshold, lr=FLAGS.lr, lambda1=FLAGS.lambda1,

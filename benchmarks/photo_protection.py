@@ -2,13 +2,14 @@
 person's other clean photos.
 
     python -m benchmarks.photo_protection --json out.json [--data DIR] [--mode low|mid|high]
-        [--model dlib] [--max_photos N]
+        [--model dlib] [--two_model dlib,facenet] [--field chip|patch] [--max_photos N]
+        [--budget dssim|lpips --lpips_rho R]
 
 Photos: every identity folder under DATA/faces with two or more photos (sorted; `--max_photos`
 keeps the first N, their references stay every other photo of the person). All photos are
 cloaked with the library in ONE call (`faceveil.engine.cloak_images`, so faces batch), in the
-given mode, against one recogniser. Two-model cloaks (`--model dlib,facenet`, issue 11 item 2)
-are not implemented yet: the benchmark says so and exits.
+given mode, against `--model`; then once more against `--two_model` (both recognisers at
+once, each through its own chip; the summary's `two_model` entry, rows in `two_model_photos`).
 
 Attackers, each run on the photo itself (re-detect, align, embed the largest face):
 - `dlib_bin`: dlib-bin's own pipeline, independent of ours: `get_frontal_face_detector()`
@@ -24,9 +25,9 @@ embedding of the person's OTHER clean photos (each embedded by the same attacker
 photo); protected = distance > the recogniser's threshold (dlib 0.6, FaceNet 0.94,
 `registry.get(name).threshold`); a photo where the attacker finds no face counts as protected
 and is counted in `no_face`. Variants: `clean` (the clean photo itself: the baseline),
-`cloaked`, `jpeg85` (the cloaked photo re-encoded by Pillow at quality 85, in memory), `720p`
-(the cloaked photo downscaled to long side 720 px with Pillow's LANCZOS; photos not larger keep
-their pixels). Rates are over the photos whose person has at least one other clean photo in
+`cloaked`, `jpeg85` / `jpeg70` (the cloaked photo re-encoded by Pillow at quality 85 / 70, in
+memory), `1080p` / `720p` (the cloaked photo downscaled to long side 1080 / 720 px with Pillow's
+LANCZOS; photos not larger keep their pixels). Rates are over the photos whose person has at least one other clean photo in
 which that attacker finds a face.
 
 Face-region quality: the cloak's detector box of the photo's largest cloaked face, enlarged 20%
@@ -54,6 +55,7 @@ from absl import app, flags
 from PIL import Image
 
 from benchmarks import parity_dlib
+from benchmarks.dlib_attacker import dlib_bin_attacker
 from faceveil.engine import cloak_images, photo_summary
 from faceveil.engine.methods import cloak
 from faceveil.engine.pipeline import faces, image_io, progress, recognise
@@ -66,7 +68,8 @@ DOWNSCALE_SIDE = 720
 BOX_ENLARGE = 1.2
 LPIPS_SIZE = 160
 DIFF_GAIN = 10.0
-VARIANTS = ("cloaked", "jpeg85", "720p")
+VARIANTS = ("cloaked", "jpeg85", "jpeg70", "1080p", "720p")
+TWO_MODEL = "dlib,facenet"
 OURS_MODELS = ("dlib", "facenet")
 ATTACKERS = ("dlib_bin", "ours_dlib", "ours_facenet")
 THRESHOLD_MODEL = {"dlib_bin": "dlib", "ours_dlib": "dlib", "ours_facenet": "facenet"}
@@ -80,10 +83,17 @@ def _define_flags() -> None:
     flags.DEFINE_string("png", None, "Where to write the PNG grid (default: beside --json).")
     flags.DEFINE_string("data", str(DEFAULT_DATA), "The shared data folder (faces/<identity>/).")
     flags.DEFINE_enum("mode", "mid", ["low", "mid", "high"], "Cloak mode (as `faceveil cloak`).")
-    flags.DEFINE_string("model", "dlib", "Recogniser cloaked against (one registry name).")
+    flags.DEFINE_string("model", "dlib", "Recogniser(s) cloaked against (registry names, "
+                        "comma-separated for several at once).")
+    flags.DEFINE_string("two_model", TWO_MODEL, "Then cloak again against these recognisers "
+                        "at once (the summary's two_model entry); empty to skip.")
     flags.DEFINE_integer("max_photos", None, "Cloak only the first N photos.")
     flags.DEFINE_integer("seed", 0, "PRNG seed of the cloak's cold starts.")
-    flags.DEFINE_enum("field", "patch", ["patch", "chip"],
+    flags.DEFINE_enum("budget", "dssim", ["dssim", "lpips"],
+                      "Visual budget of the cloak (CloakConfig.budget).")
+    flags.DEFINE_float("lpips_rho", None, "LPIPS budget with --budget lpips (default: "
+                       "CloakConfig's).")
+    flags.DEFINE_enum("field", "chip", ["patch", "chip"],
                       "Where the cloak is optimised (CloakConfig.field).")
 
 
@@ -128,29 +138,6 @@ def downscale(image: np.ndarray, side: int = DOWNSCALE_SIDE) -> np.ndarray:
 
 # --------------------------------------------------------------------------------------------
 # Attackers: each returns {"emb", "box", "faces"} of the largest face of a photo, or None.
-
-
-def dlib_bin_attacker():
-    """Returns image -> view: dlib-bin's detector (upsample 1), 5-point predictor and ResNet."""
-    import dlib  # the oracle; only benchmarks and tests need it
-
-    paths = parity_dlib.oracle_files()
-    detector = dlib.get_frontal_face_detector()
-    sp5 = dlib.shape_predictor(str(paths["predictor5"]))
-    net = dlib.face_recognition_model_v1(str(paths["dat"]))
-
-    def view(image: np.ndarray) -> dict | None:
-        img = np.ascontiguousarray(image)
-        dets = list(detector(img, 1))
-        if not dets:
-            return None
-        r = max(dets, key=lambda d: d.width() * d.height())
-        shape = sp5(img, r)
-        emb = np.asarray(net.compute_face_descriptor(img, shape), np.float32)
-        return {"emb": emb, "box": [r.left(), r.top(), r.right() + 1, r.bottom() + 1],
-                "faces": len(dets)}
-
-    return view
 
 
 def ours_attacker(models=OURS_MODELS):
@@ -274,55 +261,41 @@ def _rate(rows: list[dict], attacker: str, variant: str, key: str = "protected")
     return float(np.mean([v[key] for v in vals])), len(vals), sum(v["no_face"] for v in vals)
 
 
-def run(data: Path, *, mode: str = "mid", model: str = "dlib", max_photos: int | None = None,
-        seed: int = 0, field: str = "patch") -> tuple[dict, list[tuple[np.ndarray, np.ndarray]]]:
-    """Returns (the JSON report, the resized (clean, cloaked) face crops of the grid rows)."""
-    t_start = time.perf_counter()
-    photos = identity_photos(data)
-    if not photos:
-        raise ValueError(f"{data}/faces: no identity folder with two or more photos")
-    chosen = photos[:max_photos] if max_photos else photos
-    people = sorted({who for who, _ in chosen})
-    involved = [(who, p) for who, p in photos if who in people]  # references: all their photos
-    images = {p: image_io.read_image(p) for _, p in involved}
+def cloak_and_judge(data: Path, chosen, involved, images, clean_views, attackers, *,
+                    mode: str, model: str, seed: int, field: str, budget: dict):
+    """Returns (rows, summary, cloak report, face crop pairs) of one cloak run over the photos."""
     rel = {p: str(p.relative_to(data)) for _, p in involved}
-
+    people = sorted({who for who, _ in chosen})
     _log(f"cloaking {len(chosen)} photo(s) of {len(people)} people, mode {mode}, model {model}")
-    config = cloak.preset(mode, model, field=field)
+    config = cloak.preset(mode, model, field=field, **budget)
     res = cloak_images([images[p] for _, p in chosen], model=model, mode=mode, seed=seed,
                        config=config, names=[rel[p] for _, p in chosen])
     n_faces = len(res.faces)
     _log(f"cloak: {n_faces} face(s) in {res.wall_seconds:.1f} s")
-
-    dlib_bin, ours = dlib_bin_attacker(), ours_attacker()
-    t_att = time.perf_counter()
-    clean_views = {}
-    for i, (_, p) in enumerate(involved):
-        clean_views[p] = all_views(images[p], dlib_bin, ours)
-        _log(f"clean {i + 1}/{len(involved)} {rel[p]}")
     thresholds = {m: float(registry.get(m).threshold) for m in OURS_MODELS}
-
+    t_att = time.perf_counter()
     rows, pairs = [], []
     for i, (who, p) in enumerate(chosen):
         cloaked = res.images[i]
-        shots = {"cloaked": cloaked, "jpeg85": jpeg(cloaked), "720p": downscale(cloaked)}
-        views = {k: all_views(v, dlib_bin, ours) if (k != "720p" or v is not cloaked) else None
+        shots = {"cloaked": cloaked, "jpeg85": jpeg(cloaked), "jpeg70": jpeg(cloaked, 70),
+                 "1080p": downscale(cloaked, 1080), "720p": downscale(cloaked)}
+        # A photo not larger than the site's size keeps its pixels: its view is the cloaked one.
+        views = {k: all_views(v, *attackers) if (k == "cloaked" or v is not cloaked) else None
                  for k, v in shots.items()}
-        if views["720p"] is None:  # not larger than 720 px: the site keeps its pixels
-            views["720p"] = views["cloaked"]
+        views = {k: views["cloaked"] if v is None else v for k, v in views.items()}
         others = [q for w, q in involved if w == who and q != p]
-        attackers = {}
+        verdicts = {}
         for a in ATTACKERS:
             refs = [clean_views[q][a]["emb"] for q in others if clean_views[q][a] is not None]
             thr = thresholds[THRESHOLD_MODEL[a]]
-            attackers[a] = {"threshold": thr, "references": len(refs),
-                            "clean": judge(clean_views[p][a], refs, thr)}
+            verdicts[a] = {"threshold": thr, "references": len(refs),
+                           "clean": judge(clean_views[p][a], refs, thr)}
             for k in VARIANTS:
-                attackers[a][k] = judge(views[k][a], refs, thr)
+                verdicts[a][k] = judge(views[k][a], refs, thr)
         sel = np.flatnonzero(res.faces.image == i)
         row = {"photo": rel[p], "identity": who, "size": list(images[p].shape[1::-1]),
                "downscaled_720p": shots["720p"] is not cloaked, "faces_cloaked": int(sel.size),
-               "small_faces_left_alone": int(res.small_faces[i]), "attackers": attackers}
+               "small_faces_left_alone": int(res.small_faces[i]), "attackers": verdicts}
         if sel.size:
             b = res.faces.box[sel]
             j = int(sel[np.argmax((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]))])
@@ -337,10 +310,11 @@ def run(data: Path, *, mode: str = "mid", model: str = "dlib", max_photos: int |
                 "cloak_protection": float(res.faces.metrics["protection"][j]),
                 "cloak_ssim": float(res.faces.metrics["ssim"][j]),
                 "cloak_passed": bool(res.faces.metrics["passed"][j]),
-                "recognised_distance": round(float(res.faces.recognised_distance[j]), 5),
+                "recognised_distance": {name: round(float(d[j]), 5)
+                                        for name, d in res.faces.recognised_by.items()},
             })
         rows.append(row)
-        v = attackers["dlib_bin"]
+        v = verdicts["dlib_bin"]
         _log(f"judged {i + 1}/{len(chosen)} {rel[p]}: dlib-bin "
              + ", ".join(f"{k} {'-' if v[k] is None else v[k]['distance']}"
                          for k in ("clean",) + VARIANTS))
@@ -348,34 +322,36 @@ def run(data: Path, *, mode: str = "mid", model: str = "dlib", max_photos: int |
 
     with_face = [r for r in rows if r["faces_cloaked"]]
     ssims, lpipss, small = face_quality(pairs)
-    for r, s, lp in zip(with_face, ssims, lpipss):
-        r["face_ssim"], r["face_lpips"] = round(s, 6), round(lp, 6)
-
-    rates = {}
+    for r, s_, lp in zip(with_face, ssims, lpipss):
+        r["face_ssim"], r["face_lpips"] = round(s_, 6), round(lp, 6)
+    rates = {a: {} for a in ATTACKERS}
     for a in ATTACKERS:
-        rates[a] = {}
         for k in ("clean",) + VARIANTS:
             rate, n, no_face = _rate(rows, a, k)
             rates[a][k] = {"protected_rate": rate, "photos": n, "no_face": no_face}
     summary = {
-        "mode": mode, "model": model, "photos": len(rows), "identities": len(people),
-        "faces_cloaked": n_faces,
+        "mode": mode, "model": model, "field": field, "budget": config.budget,
+        "budget_value": config.lpips_rho if config.budget == "lpips" else config.rho,
+        "photos": len(rows),
+        "identities": len(people), "faces_cloaked": n_faces,
         "photos_without_cloaked_face": len(rows) - len(with_face),
         "dlib_protected_rate": rates["dlib_bin"]["cloaked"]["protected_rate"],
         "dlib_protected_rate_jpeg85": rates["dlib_bin"]["jpeg85"]["protected_rate"],
+        "dlib_protected_rate_jpeg70": rates["dlib_bin"]["jpeg70"]["protected_rate"],
+        "dlib_protected_rate_1080p": rates["dlib_bin"]["1080p"]["protected_rate"],
         "dlib_protected_rate_720p": rates["dlib_bin"]["720p"]["protected_rate"],
         "clean_dlib_protected_rate": rates["dlib_bin"]["clean"]["protected_rate"],
         "ours_dlib_protected_rate": rates["ours_dlib"]["cloaked"]["protected_rate"],
-        "ours_facenet_protected_rate": rates["ours_facenet"]["cloaked"]["protected_rate"],
+        "facenet_protected_rate": rates["ours_facenet"]["cloaked"]["protected_rate"],
+        "facenet_protected_rate_jpeg85": rates["ours_facenet"]["jpeg85"]["protected_rate"],
+        "clean_facenet_protected_rate": rates["ours_facenet"]["clean"]["protected_rate"],
         "face_ssim_mean": float(np.mean(ssims)) if ssims else None,
         "face_ssim_min": float(np.min(ssims)) if ssims else None,
         "face_lpips_mean": float(np.mean(lpipss)) if lpipss else None,
         "face_lpips_max": float(np.max(lpipss)) if lpipss else None,
         "seconds_per_face": res.wall_seconds / n_faces if n_faces else None,
-        "two_model": None,
-        "two_model_note": "two-model cloaks (--model dlib,facenet, issue 11 item 2) are not "
-                          "implemented yet; ours_facenet_protected_rate is FaceNet judging a "
-                          "cloak made against --model only",
+        "iterations_mean": float(np.mean(res.faces.iterations)) if n_faces else None,
+        "faces_at_cap": int((res.faces.iterations >= config.max_iters).sum()),
         "rates": rates,
         "no_face": {a: {k: rates[a][k]["no_face"] for k in ("clean",) + VARIANTS}
                     for a in ATTACKERS},
@@ -383,10 +359,38 @@ def run(data: Path, *, mode: str = "mid", model: str = "dlib", max_photos: int |
         "cloak_detect_seconds": round(res.detect_seconds, 1),
         "cloak_solve_seconds": round(res.solve_seconds, 1),
         "attack_seconds": round(t_att, 1),
-        "wall_seconds": round(time.perf_counter() - t_start, 1),
     }
     cloak_report = photo_summary(res)
     cloak_report.pop("images", None)  # per-face entries are in the rows
+    return rows, summary, cloak_report, small
+
+
+def run(data: Path, *, mode: str = "mid", model: str = "dlib", max_photos: int | None = None,
+        seed: int = 0, field: str = "chip", two_model: str | None = TWO_MODEL,
+        budget: str = "dssim", lpips_rho: float | None = None) -> tuple[dict, list[tuple[np.ndarray, np.ndarray]]]:
+    """Returns (the JSON report, the resized (clean, cloaked) face crops of the grid rows).
+
+    The photos are cloaked against `model`, then (unless `two_model` is None or equal to
+    `model`) once more against the `two_model` ensemble; the second run's rates are the
+    summary's `two_model` entry and its rows `two_model_photos`.
+    """
+    t_start = time.perf_counter()
+    photos = identity_photos(data)
+    if not photos:
+        raise ValueError(f"{data}/faces: no identity folder with two or more photos")
+    chosen = photos[:max_photos] if max_photos else photos
+    people = sorted({who for who, _ in chosen})
+    involved = [(who, p) for who, p in photos if who in people]  # references: all their photos
+    images = {p: image_io.read_image(p) for _, p in involved}
+    attackers = (dlib_bin_attacker(), ours_attacker())
+    clean_views = {}
+    for i, (_, p) in enumerate(involved):
+        clean_views[p] = all_views(images[p], *attackers)
+        _log(f"clean {i + 1}/{len(involved)} {p.relative_to(data)}")
+    common = {"mode": mode, "seed": seed, "field": field,
+              "budget": {"budget": budget} | ({"lpips_rho": lpips_rho} if lpips_rho else {})}
+    rows, summary, cloak_report, small = cloak_and_judge(
+        data, chosen, involved, images, clean_views, attackers, model=model, **common)
     report = {
         "benchmark": "photo_protection", "data": str(data),
         "attackers": {
@@ -398,6 +402,13 @@ def run(data: Path, *, mode: str = "mid", model: str = "dlib", max_photos: int |
         "jax": jax.__version__, "backend": jax.default_backend(),
         "summary": summary, "cloak": cloak_report, "photos": rows,
     }
+    summary["two_model"] = None
+    if two_model and two_model != model:
+        rows2, summary2, cloak2, _ = cloak_and_judge(
+            data, chosen, involved, images, clean_views, attackers, model=two_model, **common)
+        summary["two_model"] = summary2
+        report["two_model_cloak"], report["two_model_photos"] = cloak2, rows2
+    summary["wall_seconds"] = round(time.perf_counter() - t_start, 1)
     return report, small
 
 
@@ -410,22 +421,20 @@ def _dlib_version() -> str:
 def main(argv: list[str]) -> int:
     """Prints the JSON report; writes it (and the PNG grid beside it) with --json."""
     del argv
-    models = [m.strip() for m in FLAGS.model.split(",") if m.strip()]
-    if len(models) != 1:
-        print(f"photo_protection: --model={FLAGS.model}: two-model cloaks are not implemented "
-              "yet (issue 11 item 2); give one recogniser, e.g. --model=dlib", file=sys.stderr)
-        return 2
-    try:
-        registry.get(models[0])
-    except KeyError as e:
-        print(f"photo_protection: --model={models[0]}: {e.args[0]}", file=sys.stderr)
-        return 2
+    for name in (FLAGS.model, FLAGS.two_model):
+        try:
+            if name:
+                registry.get(name)
+        except (KeyError, ValueError) as e:
+            print(f"photo_protection: --model/--two_model={name}: {e.args[0]}", file=sys.stderr)
+            return 2
     data = Path(FLAGS.data)
     if not (data / "faces").is_dir():
         print(f"photo_protection: --data={data}: no faces/ folder", file=sys.stderr)
         return 2
-    report, small = run(data, mode=FLAGS.mode, model=models[0], max_photos=FLAGS.max_photos,
-                        seed=FLAGS.seed, field=FLAGS.field)
+    report, small = run(data, mode=FLAGS.mode, model=FLAGS.model, max_photos=FLAGS.max_photos,
+                        seed=FLAGS.seed, field=FLAGS.field, two_model=FLAGS.two_model or None,
+                        budget=FLAGS.budget, lpips_rho=FLAGS.lpips_rho)
     png = Path(FLAGS.png) if FLAGS.png else (Path(FLAGS.json).with_suffix(".png")
                                              if FLAGS.json else None)
     if png is not None:

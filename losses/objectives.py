@@ -62,15 +62,17 @@ def cloak_objective(
             + lambda1 * has_previous * D(F(x_m), F(x_p))
             + lam * max(DSSIM(x, x_m) - rho, 0)
 
-    with D the Minkowski distance of order p, x = `original`, x_m = `protected`.
+    with D the Minkowski distance of order p, x = `original`, x_m = `protected`. When
+    `features_fn` returns features with leading axes ([V, D]: the face seen through V
+    alignments at once) the feature terms are averaged over them and the budget counted once.
 
     Args:
       protected: [H, W, 3] float in [0, 1], the frame-space face region with the cloak.
       original: [H, W, 3] the same region without it (H, W >= 11 for SSIM's window).
-      features_fn: maps a [H, W, 3] region to a feature vector [D] (alignment warp and
-        recogniser, closed over by the caller). It is called exactly once, on `protected`,
+      features_fn: maps a [H, W, 3] region to a feature vector [D], or to [V, D] for V
+        views (alignment warp and recogniser, closed over by the caller). It is called exactly once, on `protected`,
         so a caller may capture that forward pass's outputs for its own use.
-      feat_original: [D] = features_fn(original), precomputed (treated as a constant).
+      feat_original: [D] (or [V, D]) = features_fn(original), precomputed (a constant).
       feat_previous: [D] features of the previous protected frame's face; ignored unless
         `has_previous` (it may then hold anything finite or not).
       has_previous: traced bool or 0/1 float: whether a previous frame exists.
@@ -82,8 +84,8 @@ def cloak_objective(
 
     Returns:
       loss: scalar.
-      aux: dict of scalars: protect = D(F(x_m), F(x)); target_dist = D(F(x_m), target)
-        (0 when untargeted); temporal = D(F(x_m), feat_previous) masked to 0 without a
+      aux: dict of scalars ([V] per view for the feature terms): protect = D(F(x_m), F(x));
+        target_dist = D(F(x_m), target) (0 when untargeted); temporal = D(F(x_m), feat_previous) masked to 0 without a
         previous frame; dssim = DSSIM(x, x_m); budget = max(dssim - rho, 0); loss.
     """
     protected = jnp.asarray(protected)
@@ -99,14 +101,14 @@ def cloak_objective(
     protect = minkowski(feat_m, feat_orig, p=p)
     temporal = hp * minkowski(feat_m, feat_prev, p=p)
     if target is None:
-        target_dist = jnp.zeros((), feat_m.dtype)
+        target_dist = jnp.zeros_like(protect)
         feature_term = -protect
     else:
         target_dist = minkowski(feat_m, jax.lax.stop_gradient(jnp.asarray(target)), p=p)
         feature_term = target_dist
     vis = dssim(original, protected)
     budget = budget_hinge(vis, rho)
-    loss = feature_term + lambda1 * temporal + lam * budget
+    loss = jnp.mean(feature_term + lambda1 * temporal) + lam * budget
     aux = {
         "protect": protect,
         "target_dist": target_dist,

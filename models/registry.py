@@ -42,6 +42,54 @@ class Recogniser:
         return self.apply(params, chips)[0]
 
 
+@dataclasses.dataclass(frozen=True)
+class Ensemble:
+    """Several recognisers cloaked against at once (`get("dlib,facenet")`).
+
+    The first member is the primary: a method plans its face patches and, where it has one, its
+    chip-space field with the primary's chip; every member still sees the face through its own
+    template, chip size and aspect. `name`, `threshold`, `chip_size`, `template` and `aspect`
+    are the primary's, so code that reports one recogniser reports the primary.
+    """
+
+    members: tuple[Recogniser, ...]
+
+    def __post_init__(self):
+        if len(self.members) < 2:
+            raise ValueError("an ensemble needs at least two recognisers")
+        if len({m.name for m in self.members}) != len(self.members):
+            raise ValueError(f"recognisers repeat in '{self.name}'")
+
+    @property
+    def name(self) -> str:
+        return ",".join(m.name for m in self.members)
+
+    @property
+    def chip_size(self) -> int:
+        return self.members[0].chip_size
+
+    @property
+    def template(self) -> np.ndarray:
+        return self.members[0].template
+
+    @property
+    def aspect(self) -> float:
+        return self.members[0].aspect
+
+    @property
+    def threshold(self) -> float:
+        return self.members[0].threshold
+
+    def load_params(self) -> tuple:
+        """Returns the members' parameters, in member order."""
+        return tuple(m.load_params() for m in self.members)
+
+
+def members(recogniser) -> tuple[Recogniser, ...]:
+    """Returns the recognisers behind `recogniser` (itself, or an ensemble's members)."""
+    return recogniser.members if isinstance(recogniser, Ensemble) else (recogniser,)
+
+
 _RECOGNISERS: dict[str, Callable[[], Recogniser]] = {}
 
 
@@ -50,9 +98,16 @@ def register(name: str, factory: Callable[[], Recogniser]) -> None:
     _RECOGNISERS[name] = factory
 
 
-def get(name: str) -> Recogniser:
-    """Returns the recogniser registered as `name` ("dlib" or "facenet")."""
+def get(name: str) -> Recogniser | Ensemble:
+    """Returns the recogniser registered as `name` ("dlib", "facenet"; "dlib,facenet": both).
+
+    A comma-separated list gives an `Ensemble` whose primary is the first name.
+    """
     import importlib
+
+    if "," in name:
+        names = [n.strip() for n in name.split(",") if n.strip()]
+        return get(names[0]) if len(names) == 1 else Ensemble(tuple(get(n) for n in names))
 
     for mod in ("dlib_resnet", "facenet"):
         try:

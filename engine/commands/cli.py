@@ -3,11 +3,11 @@
     faceveil fetch-weights [--models=mtcnn,dlib_resnet,...] [--force]
     faceveil detect --input IMAGE_OR_VIDEO [--output annotated.png|.mp4] [--json faces.json]
     faceveil compare IMAGE_A IMAGE_B [--model dlib|facenet]
-    faceveil cloak IMAGES... --out DIR [--model dlib|facenet] [--mode low|mid|high]
-                   [--target-pool DIR] [--field patch|chip]
+    faceveil cloak IMAGES... --out DIR [--model dlib|facenet|dlib,facenet] [--mode low|mid|high]
+                   [--target-pool DIR] [--field chip|patch] [--budget dssim|lpips]
     faceveil cloak-video --input IN.mp4 --output OUT.mp4 [--reuse none|copy|affine]
                    [--report report.json] [--model ...] [--mode ...] [--segment L]
-                   [--field patch|chip]
+                   [--field chip|patch]
     faceveil demo [--out DIR]
     faceveil check --protected FILES_OR_DIR[,...] --references DIR [--model dlib,facenet]
                    [--png out.png] [--json out.json]
@@ -31,17 +31,22 @@ flags.DEFINE_string("input", None, "detect: image or video to read.")
 flags.DEFINE_string("output", None, "detect: annotated image (.png/.jpg) or video (.mp4).")
 flags.DEFINE_string("json", None, "detect: where to write boxes and landmarks as JSON; "
                     "check: where to write the verdicts as JSON.")
-flags.DEFINE_string("model", "dlib", "compare/cloak: recogniser (dlib or facenet); check: "
-                    "comma-separated recognisers (e.g. dlib,facenet).")
+flags.DEFINE_string("model", "dlib", "compare/cloak-video: recogniser (dlib or facenet); "
+                    "cloak/check: one or several, comma-separated (e.g. dlib,facenet: a cloak "
+                    "against both at once).")
 flags.DEFINE_list("protected", None, "check: protected photos and/or folders of them.")
 flags.DEFINE_string("references", None, "check: folder of your own clean reference photos.")
 flags.DEFINE_string("png", None, "check: where to write the distance chart (.png).")
 flags.DEFINE_string("out", None, "cloak/demo: output folder (demo default: out/demo).")
 flags.DEFINE_enum("mode", "mid", ["low", "mid", "high"], "cloak: visual budget and strength.")
 flags.DEFINE_string("target-pool", None, "cloak: folder of identity folders (targeted cloak).")
-flags.DEFINE_enum("field", "patch", ["patch", "chip"],
-                  "cloak/cloak-video: optimise the cloak per frame pixel ('patch') or per pixel of "
-                  "the recogniser's aligned chip ('chip': as strong on large faces as on small).")
+flags.DEFINE_enum("field", "chip", ["patch", "chip"],
+                  "cloak/cloak-video: optimise the cloak per pixel of the recogniser's aligned "
+                  "chip ('chip', the default: as strong on large faces as on small) or per "
+                  "frame pixel ('patch').")
+flags.DEFINE_enum("budget", "dssim", ["dssim", "lpips"],
+                  "cloak: the visual budget: DSSIM of the face at the photo's scale, or LPIPS "
+                  "of the aligned face (the mode sets the DSSIM; the LPIPS budget is 0.01).")
 flags.DEFINE_enum("reuse", "affine", ["none", "copy", "affine"],
                   "cloak-video: warm start from the previous frame's cloak.")
 flags.DEFINE_string("report", None, "cloak-video: report JSON (PNGs are written beside it).")
@@ -100,7 +105,7 @@ def _cmd_cloak(args):
         raise UserError("cloak needs at least one image: faceveil cloak IMAGES... --out DIR")
     cloak_cli.run_images(args, FLAGS.out, model=FLAGS.model, mode=FLAGS.mode,
                          target_pool=FLAGS["target-pool"].value, overwrite=FLAGS.overwrite,
-                         field=FLAGS.field)
+                         field=FLAGS.field, budget=FLAGS.budget)
 
 
 def _cmd_cloak_video(args):
@@ -108,6 +113,9 @@ def _cmd_cloak_video(args):
 
     if args:
         raise UserError(f"cloak-video takes no positional arguments (got {args})")
+    if "," in FLAGS.model:
+        raise UserError(f"--model={FLAGS.model}: cloak-video works against one recogniser "
+                        "(dlib or facenet); two at once is for photos (faceveil cloak)")
     if not FLAGS.input or not FLAGS.output:
         raise UserError("cloak-video needs --input IN.mp4 and --output OUT.mp4")
     cloak_cli.run_video(FLAGS.input, FLAGS.output, report_path=FLAGS.report,

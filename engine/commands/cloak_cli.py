@@ -64,7 +64,7 @@ def write_video_report(path: str, result: video.VideoResult) -> dict:
 def run_video(input_path: str, output: str, *, report_path: str | None, reuse: str,
               model: str, mode: str, chunk: int, max_frames: int | None,
               resume: bool = True, overwrite: bool = False,
-              segment: int | None = None, field: str = "patch") -> dict:
+              segment: int | None = None, field: str = "chip") -> dict:
     """Returns the report of cloaking a video file (the `cloak-video` command)."""
     if not video_io.is_video(output):
         raise image_io.InputError(output, "the output must be a video file (.mp4, .mkv, ...)")
@@ -106,7 +106,8 @@ def _headline(rep: dict) -> str:
 
 
 def run_images(paths: list[str], out_dir: str, *, model: str, mode: str,
-               target_pool: str | None, overwrite: bool = False, field: str = "patch") -> dict:
+               target_pool: str | None, overwrite: bool = False, field: str = "chip",
+               budget: str = "dssim") -> dict:
     """Returns the report of cloaking photos (the `cloak` command); writes PNGs into out_dir."""
     if not paths:
         raise image_io.InputError(out_dir, "no input images given")
@@ -115,7 +116,8 @@ def run_images(paths: list[str], out_dir: str, *, model: str, mode: str,
     targets = [out / f"{Path(p).stem}_cloaked.png" for p in paths]
     for t in targets:
         image_io.ensure_not_input(t, paths, overwrite=overwrite)
-    config = cloak.preset(mode, model, targeted=target_pool is not None, field=field)
+    config = cloak.preset(mode, model, targeted=target_pool is not None, field=field,
+                          budget=budget)
     result = photos.cloak_images(images, model=model, mode=mode, target_pool=target_pool,
                                  config=config, names=[Path(p).name for p in paths])
     rep = photos.summary(result)
@@ -132,11 +134,12 @@ def run_images(paths: list[str], out_dir: str, *, model: str, mode: str,
         print(msg, file=sys.stderr)
     image_io.write_json(out / "report.json", rep)
     if rep.get("faces"):
+        seen = "; ".join(f"{name} {r['mean_protection']:.3f}, "
+                         f"{r['fraction_beyond_threshold']:.0%} beyond {r['threshold']}"
+                         for name, r in rep["recognised_by"].items())
         print(f"{rep['faces']} faces: mean protection {rep['mean_protection']:.3f} "
-              f"({rep['model']} on the written photos: {rep['mean_protection_recognised']:.3f}, "
-              f"{rep['fraction_beyond_threshold_recognised']:.0%} beyond {rep['threshold']}), "
-              f"mean SSIM {rep['mean_ssim']:.4f}, {rep['wall_seconds']:.0f} s, "
-              f"report -> {out / 'report.json'}", file=sys.stderr)
+              f"(on the written photos: {seen}), mean SSIM {rep['mean_ssim']:.4f}, "
+              f"{rep['wall_seconds']:.0f} s, report -> {out / 'report.json'}", file=sys.stderr)
     return rep
 
 

@@ -124,31 +124,40 @@ def empty_target(method: Method, params, num_chains: int, patch_size: int) -> ja
     return jnp.zeros((num_chains,) + tuple(spec.shape), spec.dtype)
 
 
-def still_frames(patches: ArrayLike, m_chip: ArrayLike) -> FaceFrame:
-    """Returns the FaceFrame [B, 1, ...] of B still faces (each a chain of one frame)."""
+def still_frames(patches: ArrayLike, m_chip: ArrayLike, offsets: ArrayLike | None = None,
+                 landmarks: ArrayLike | None = None) -> FaceFrame:
+    """Returns the FaceFrame [B, 1, ...] of B still faces (each a chain of one frame).
+
+    `offsets` [B, 2] (the patches' top-left in their photos; 0 when None) and `landmarks`
+    [B, 5, 2] (in patch pixels; 0 when None) are passed on to the method.
+    """
     patches = jnp.asarray(patches)
     if patches.dtype != jnp.uint8:
         patches = jnp.round(jnp.clip(patches, 0.0, 1.0) * 255.0).astype(jnp.uint8)
     b = patches.shape[0]
+    offsets = jnp.zeros((b, 2)) if offsets is None else offsets
+    landmarks = jnp.zeros((b, 5, 2)) if landmarks is None else landmarks
     return FaceFrame(
         patch=patches[:, None], m_chip=jnp.asarray(m_chip, jnp.float32)[:, None],
-        landmarks=jnp.zeros((b, 1, 5, 2), jnp.float32),
-        offset=jnp.zeros((b, 1, 2), jnp.float32), present=jnp.ones((b, 1), bool))
+        landmarks=jnp.asarray(landmarks, jnp.float32)[:, None],
+        offset=jnp.asarray(offsets, jnp.float32)[:, None], present=jnp.ones((b, 1), bool))
 
 
 def solve_faces(method: Method, params, patches: ArrayLike, m_chip: ArrayLike, key: ArrayLike,
-                *, target: ArrayLike | None = None) -> FaceOutput:
+                *, target: ArrayLike | None = None, offsets: ArrayLike | None = None,
+                landmarks: ArrayLike | None = None) -> FaceOutput:
     """Returns the FaceOutput [B, ...] of B still faces, all in one compiled call.
 
     Args:
       method: the protection method.
       params: its recogniser's parameters.
       patches: [B, P, P, 3] face patches, uint8 or float in [0, 1].
-      m_chip: [B, 2, 3] chip pixels -> patch pixels.
+      m_chip: [B, 2, 3] chip pixels -> patch pixels ([B, R, 2, 3] for an ensemble).
       key: PRNG key (split into one key per face).
       target: [B, ...] per-face targets (zeros when None).
+      offsets, landmarks: as `still_frames` takes them.
     """
-    frames = still_frames(patches, m_chip)
+    frames = still_frames(patches, m_chip, offsets, landmarks)
     b, size = frames.patch.shape[0], frames.patch.shape[2]
     carry = init_carry(method, params, jax.random.split(key, b), size)
     if target is None:

@@ -27,8 +27,11 @@ import numpy as np
 
 from faceveil.engine.pipeline import align, image_io, track, video_io
 
-PATCH_BUCKETS = (128, 192, 256, 384)
+PATCH_BUCKETS = (128, 192, 256, 384, 512, 768)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# Optimised faces: a padded lane costs a whole face's work at every iteration (a recogniser's
+# forward needs far less), so the steps are finer: at most a third of the lanes are padding.
+SOLVE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 LANE_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 PHOTO_MAX_SIDE = 1280
 PHOTO_BUCKET = 160
@@ -218,7 +221,8 @@ class FacePlan:
     size: int  # patch side P
     offsets: np.ndarray  # [T, 2] int32 patch top-left (x, y) in frame pixels
     landmarks: np.ndarray  # [T, 5, 2] float32 landmarks in patch pixels
-    m_chip: np.ndarray  # [T, 2, 3] float32 chip pixels -> patch pixels
+    m_chip: np.ndarray  # [T, 2, 3] float32 chip pixels -> patch pixels ([T, R, 2, 3]: one per
+    #                     member of an ensemble of R recognisers, `registry.Ensemble`)
     present: np.ndarray  # [T] bool
 
 
@@ -235,29 +239,38 @@ def plan_faces(landmarks: np.ndarray, present: np.ndarray, recogniser, *, margin
     Args:
       landmarks: [T, 5, 2] frame-pixel landmarks (any value where not present).
       present: [T] bool.
-      recogniser: a `faceveil.models.registry.Recogniser` (template, chip_size, aspect).
+      recogniser: a `faceveil.models.registry.Recogniser` (template, chip_size, aspect), or an
+        `Ensemble` (the patch holds every member's chip; m_chip [T, R, 2, 3]).
       margin: fraction added to the footprint's side.
       buckets: allowed patch sides, ascending.
       size: force this patch side instead of choosing a bucket.
     """
+    from faceveil.models import registry
+
     landmarks = np.asarray(landmarks, np.float32)
     present = np.asarray(present, bool)
     safe = np.where(present[:, None, None], landmarks, landmarks[present][:1]
                     if present.any() else np.zeros((1, 5, 2), np.float32))
-    m = chip_transforms(safe, recogniser)
-    s = recogniser.chip_size
-    # Footprint of the chip square: the images of its two edge vectors, (s, 0) and (0, s).
-    ex, ey = m[:, :, 0] * s, m[:, :, 1] * s
-    footprint = np.maximum(np.abs(ex[:, 0]) + np.abs(ey[:, 0]),
-                           np.abs(ex[:, 1]) + np.abs(ey[:, 1])) * (1.0 + margin)
+    recs = registry.members(recogniser)
+    ms = [chip_transforms(safe, r) for r in recs]
+    # Footprint of each member's chip square: the images of its two edge vectors, (s, 0) and
+    # (0, s); the patch holds every member's chip.
+    footprint = np.zeros(len(safe), np.float32)
+    for m, r in zip(ms, recs):
+        ex, ey = m[:, :, 0] * r.chip_size, m[:, :, 1] * r.chip_size
+        footprint = np.maximum(footprint, np.maximum(np.abs(ex[:, 0]) + np.abs(ey[:, 0]),
+                                                     np.abs(ex[:, 1]) + np.abs(ey[:, 1])))
+    footprint = footprint * (1.0 + margin)
     if size is None:
         need = footprint[present].max() if present.any() else buckets[0]
         size = next((b for b in buckets if b >= need), buckets[-1])
-    c = (s - 1) / 2.0
+    m, c = ms[0], (recs[0].chip_size - 1) / 2.0  # centred on the primary chip's centre
     centre = m[:, :, 0] * c + m[:, :, 1] * c + m[:, :, 2]
     offsets = np.round(centre - (size - 1) / 2.0).astype(np.int32)
-    m_patch = m.copy()
-    m_patch[:, :, 2] -= offsets
+    m_patch = np.stack(ms, axis=1)  # [T, R, 2, 3]
+    m_patch[..., 2] -= offsets[:, None, :]
+    if len(recs) == 1:
+        m_patch = m_patch[:, 0]
     return FacePlan(size=int(size), offsets=offsets,
                     landmarks=(safe - offsets[:, None, :]).astype(np.float32),
                     m_chip=m_patch.astype(np.float32), present=present)
@@ -265,6 +278,27 @@ def plan_faces(landmarks: np.ndarray, present: np.ndarray, recogniser, *, margin
 
 # ----------------------------------------------------------------------------------------------
 # Batch and paste
+
+
+def merge_sides(sides: list[int], min_group: int = 4) -> list[int]:
+    """Returns the patch side each face is solved at: small groups join the next larger side.
+
+    Every distinct side is one compilation (tens of seconds on a CPU) and a padded batch: a
+    group of fewer than `min_group` faces is solved in the next larger side's batch instead
+    (a larger patch only costs its pixel-wise work; the recogniser still sees its own chip).
+    The largest side keeps its faces, however few.
+    """
+    counts = {s: sides.count(s) for s in sorted(set(sides))}
+    target, carried = {}, []
+    order = list(counts)
+    for k, side in enumerate(order):
+        carried.append(side)
+        total = sum(counts[s] for s in carried)
+        if total >= min_group or k == len(order) - 1:
+            target.update({s: side for s in carried})
+            carried = []
+    return [target[s] for s in sides]
+
 
 
 def crop_patches(frames: np.ndarray, offsets: np.ndarray, size: int) -> np.ndarray:

@@ -23,6 +23,7 @@ import numpy as np
 
 from faceveil.engine.methods import base, cloak
 from faceveil.engine.pipeline import faces, image_io, progress, recognise
+from faceveil.models import registry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +37,8 @@ class FaceRecords:
     metrics: dict  # name -> [F] (or [F, ...]) the method's diagnostics
     recognised_distance: np.ndarray  # [F] distance clean vs protected, through `recognise`
     target: tuple | None = None  # [F] target identity names (targeted mode)
+    recognised_by: dict | None = None  # recogniser name -> [F] the same distance, per member
+    #                                     of the method's recogniser (several for an ensemble)
 
     def __len__(self) -> int:
         return int(self.image.shape[0])
@@ -52,7 +55,8 @@ class PhotoResult:
     model: str
     mode: str | None
     config: object  # the method's frozen config
-    threshold: float  # the recogniser's same-person distance
+    threshold: float  # the (primary) recogniser's same-person distance
+    thresholds: dict | None = None  # recogniser name -> same-person distance, every member
     detect_seconds: float = 0.0
     solve_seconds: float = 0.0  # compiled calls, compilation included
     wall_seconds: float = 0.0
@@ -67,6 +71,8 @@ def summary(result: PhotoResult) -> dict:
                  "iterations": int(f.iterations[j]),
                  "protection": float(f.metrics["protection"][j]),
                  "protection_recognised": round(float(f.recognised_distance[j]), 5),
+                 "protection_recognised_by": {
+                     name: round(float(d[j]), 5) for name, d in (f.recognised_by or {}).items()},
                  "ssim": float(f.metrics["ssim"][j]), "passed": bool(f.metrics["passed"][j])}
         if f.target is not None:
             entry["target"] = f.target[j]
@@ -86,6 +92,11 @@ def summary(result: PhotoResult) -> dict:
             "fraction_beyond_threshold_recognised": float(np.mean(rd > result.threshold)),
             "mean_ssim": float(np.mean(f.metrics["ssim"])),
             "passed_fraction": float(np.mean(f.metrics["passed"] > 0))})
+        thr = result.thresholds or {result.model: result.threshold}
+        out["recognised_by"] = {
+            name: {"threshold": thr[name], "mean_protection": float(np.mean(d)),
+                   "fraction_beyond_threshold": float(np.mean(d > thr[name]))}
+            for name, d in (f.recognised_by or {}).items()}
     return out
 
 
@@ -126,7 +137,11 @@ def protect_photos(images: list[np.ndarray], method: base.Method, params, *, key
     metrics: dict[str, np.ndarray] = {}
     target_names: list | None = [None] * n if targets is not None else None
     plans = [faces.plan_faces(lms[j][None], np.ones(1, bool), rec) for j in range(n)]
-    sizes = sorted({p.size for p in plans})
+    sides = faces.merge_sides([p.size for p in plans])
+    plans = [p if p.size == side else faces.plan_faces(lms[j][None], np.ones(1, bool), rec,
+                                                       size=side)
+             for j, (p, side) in enumerate(zip(plans, sides))]
+    sizes = sorted(set(sides))
     t_solve = 0.0
     for g, size in enumerate(sizes):
         group = [j for j in range(n) if plans[j].size == size]
@@ -138,13 +153,17 @@ def protect_photos(images: list[np.ndarray], method: base.Method, params, *, key
             target, tn = targets(images, idx[group], lms[group])
             for j, name in zip(group, tn):
                 target_names[j] = name
-        b = faces.batch_bucket(len(group))
+        b = faces.batch_bucket(len(group), faces.SOLVE_BUCKETS)
         progress.say(f"{method.name}: batch {g + 1}/{len(sizes)}: {len(group)} face(s) at "
                      f"{size} px (padded to {b})", enabled=show_progress)
         t = time.perf_counter()
+        offsets = np.stack([plans[j].offsets[0] for j in group])
+        plms = np.stack([plans[j].landmarks[0] for j in group])
         res = base.solve_faces(method, params, faces.pad_batch(patches, b),
                                faces.pad_batch(m_chip, b), jax.random.fold_in(key, size),
-                               target=None if target is None else faces.pad_batch(target, b))
+                               target=None if target is None else faces.pad_batch(target, b),
+                               offsets=faces.pad_batch(offsets, b),
+                               landmarks=faces.pad_batch(plms, b))
         res = jax.device_get(res)
         t_solve += time.perf_counter() - t
         for k, j in enumerate(group):
@@ -156,20 +175,25 @@ def protect_photos(images: list[np.ndarray], method: base.Method, params, *, key
             if name not in metrics:
                 metrics[name] = np.full((n,) + v.shape[1:], np.nan, np.float32)
             metrics[name][group] = v[:len(group)]
-    # The protection a recogniser sees in the written photo, through its own alignment path.
-    dist = np.zeros(n, np.float32)
+    # The protection each recogniser sees in the written photo, through its own alignment path.
+    recs = registry.members(rec)
+    by = {r.name: np.zeros(n, np.float32) for r in recs}
     for i in sorted(set(idx.tolist())):
         sel = np.flatnonzero(idx == i)
-        e_clean, _ = recognise.embed_faces(images[i], lms[sel], rec.name)
-        e_prot, _ = recognise.embed_faces(out[i], lms[sel], rec.name)
-        dist[sel] = np.linalg.norm(e_clean - e_prot, axis=-1)
+        for r in recs:
+            e_clean, _ = recognise.embed_faces(images[i], lms[sel], r.name)
+            e_prot, _ = recognise.embed_faces(out[i], lms[sel], r.name)
+            by[r.name][sel] = np.linalg.norm(e_clean - e_prot, axis=-1)
     records = FaceRecords(image=idx, box=boxes, landmarks=lms, iterations=iters,
-                          metrics=metrics, recognised_distance=dist,
-                          target=None if target_names is None else tuple(target_names))
+                          metrics=metrics, recognised_distance=by[recs[0].name],
+                          target=None if target_names is None else tuple(target_names),
+                          recognised_by=by)
     return PhotoResult(images=out, faces=records,
                        small_faces=np.array([pf.small for pf in found], int),
                        method=method.name, model=rec.name, mode=None, config=method.config,
-                       threshold=float(rec.threshold), detect_seconds=t_detect,
+                       threshold=float(rec.threshold),
+                       thresholds={r.name: float(r.threshold) for r in recs},
+                       detect_seconds=t_detect,
                        solve_seconds=t_solve, wall_seconds=time.perf_counter() - t_start)
 
 
@@ -195,7 +219,8 @@ def cloak_images(images: list[np.ndarray], *, model: str = "dlib", mode: str = "
 
     Args:
       images: uint8 [H, W, 3] photos (sizes may differ).
-      model: recogniser cloaked against ('dlib' or 'facenet').
+      model: recogniser cloaked against ('dlib', 'facenet', or 'dlib,facenet': both at once,
+        each through its own chip, every one must reach its stop distance).
       mode: a preset of `faceveil.engine.methods.cloak.PRESETS`; ignored when `config` is given.
       target_pool: folder of identity folders for targeted cloaks (default untargeted).
       seed: PRNG seed of the cold-start cloaks.
@@ -218,7 +243,8 @@ def cloak_images(images: list[np.ndarray], *, model: str = "dlib", mode: str = "
             far = np.argmax(np.linalg.norm(clean[:, None] - cents[None], axis=-1), axis=1)
             return cents[far], [pool_names[j] for j in far]
 
-    result = protect_photos(images, cloak.CloakMethod(rec, config), params,
+    result = protect_photos(images, cloak.CloakMethod(rec, config),
+                            cloak.method_params(config, params),
                             key=jax.random.PRNGKey(seed), targets=targets, min_score=min_score,
                             min_face=min_face, names=names, show_progress=show_progress)
     result.mode = mode

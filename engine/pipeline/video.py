@@ -248,6 +248,7 @@ def cloak_video(source, *, output: str | None = None, config: cloak.CloakConfig 
     job = job or VideoJob()
     rec, params = recognise.recogniser_params(job.model)
     method = cloak.CloakMethod(rec, config or cloak.CloakConfig())
+    params = cloak.method_params(method.config, params)
     return protect_video(source, method, params, output=output, job=job, resume=resume,
                          detections=detections)
 

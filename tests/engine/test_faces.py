@@ -58,6 +58,41 @@ def test_facenet_chip_honours_its_aspect(photo):
 
 def test_batch_buckets_and_padding():
     assert [faces.batch_bucket(n) for n in (1, 3, 5, 256, 257)] == [1, 4, 8, 256, 512]
+    assert [faces.batch_bucket(n, faces.SOLVE_BUCKETS) for n in (3, 5, 7, 13, 257)] == [
+        3, 6, 8, 16, 512]
     assert [faces.lane_count(n) for n in (1, 3, 64, 65)] == [1, 4, 64, 128]
     a = np.arange(6).reshape(3, 2)
     np.testing.assert_array_equal(faces.pad_batch(a, 4), [[0, 1], [2, 3], [4, 5], [0, 1]])
+
+
+def test_merge_sides_joins_small_groups_upwards():
+    # 1 + 1 + 1 faces join the 3 at 384 (one compiled batch of 6); 5 at 512 and the largest
+    # side keep theirs, however few.
+    sides = [128, 192, 256, 384, 384, 384, 512, 512, 512, 512, 512, 768]
+    assert faces.merge_sides(sides) == [384] * 6 + [512] * 5 + [768]
+    assert faces.merge_sides([192, 768]) == [768, 768]
+    assert faces.merge_sides([]) == []
+
+
+def test_ensemble_plan_holds_every_members_chip(photo):
+    # Two recognisers at once: one patch that holds both chips, each member's transform the
+    # one `recognise` would use for that recogniser (same frame geometry, patch coordinates).
+    from faceveil.models import registry
+
+    image, lms = photo
+    ens = registry.get("dlib,facenet")
+    plan = faces.plan_faces(lms, np.ones(1, bool), ens)
+    assert plan.m_chip.shape == (1, 2, 2, 3)
+    for r, rec in enumerate(ens.members):
+        single = faces.plan_faces(lms, np.ones(1, bool), rec)
+        assert plan.size >= single.size
+        in_frame = plan.m_chip[0, r].copy()
+        in_frame[:, 2] += plan.offsets[0]
+        want = single.m_chip[0].copy()
+        want[:, 2] += single.offsets[0]
+        np.testing.assert_allclose(in_frame, want, atol=1e-3)
+        # The member's whole chip lies inside the patch (with the planning margin).
+        s = rec.chip_size
+        corners = np.array([[0, 0], [s, 0], [0, s], [s, s]], np.float32)
+        pts = corners @ plan.m_chip[0, r, :, :2].T + plan.m_chip[0, r, :, 2]
+        assert (pts >= 0).all() and (pts <= plan.size).all(), pts
