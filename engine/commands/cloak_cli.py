@@ -138,7 +138,8 @@ def run_images(paths: list[str], out_dir: str, *, model: str, mode: str,
                          f"{r['fraction_beyond_threshold']:.0%} beyond {r['threshold']}"
                          for name, r in rep["recognised_by"].items())
         print(f"{rep['faces']} faces: mean protection {rep['mean_protection']:.3f} "
-              f"(on the written photos: {seen}), mean SSIM {rep['mean_ssim']:.4f}, "
+              f"(on the written photos: {seen}), face SSIM {rep['mean_ssim']:.4f}, "
+              f"face LPIPS {rep.get('mean_lpips', float('nan')):.4f}, "
               f"{rep['wall_seconds']:.0f} s, report -> {out / 'report.json'}", file=sys.stderr)
     return rep
 

@@ -462,6 +462,7 @@ def _solve_frame(recogniser, cfg: CloakConfig, params, orig, m_chip, delta0, fea
     clean0 = clean(m0)
     (_, (aux_shape, emb_shape, feat_shape)), _ = jax.eval_shape(
         value_and_grad, delta0, m0, None, tuple(f for _, f in clean0))
+
     def nan_view(spec):  # NaN of one view's shape (the leading axis is the views')
         return jnp.full(spec.shape[1:] if spec.ndim else (), jnp.nan, spec.dtype)
 

@@ -14,6 +14,7 @@ does.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +25,11 @@ import numpy as np
 from faceveil.engine.methods import base, cloak
 from faceveil.engine.pipeline import faces, image_io, progress, recognise
 from faceveil.models import registry
+
+# A still face's patch holds its chip's footprint plus 6% (a video's: 15%, for the face's motion
+# within a chain): enough for the views' jitter (shift 3%, scale 5%) at a smaller patch bucket,
+# whose pixel-wise work (low-pass, SSIM, the chip-field warp) grows with its area.
+PHOTO_MARGIN = 0.06
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +45,8 @@ class FaceRecords:
     target: tuple | None = None  # [F] target identity names (targeted mode)
     recognised_by: dict | None = None  # recogniser name -> [F] the same distance, per member
     #                                     of the method's recogniser (several for an ensemble)
+    face_lpips: np.ndarray | None = None  # [F] LPIPS, clean vs protected aligned face (the
+    #                                        primary recogniser's chip of the written photo)
 
     def __len__(self) -> int:
         return int(self.image.shape[0])
@@ -74,6 +82,8 @@ def summary(result: PhotoResult) -> dict:
                  "protection_recognised_by": {
                      name: round(float(d[j]), 5) for name, d in (f.recognised_by or {}).items()},
                  "ssim": float(f.metrics["ssim"][j]), "passed": bool(f.metrics["passed"][j])}
+        if f.face_lpips is not None:
+            entry["lpips"] = round(float(f.face_lpips[j]), 6)
         if f.target is not None:
             entry["target"] = f.target[j]
             entry["target_distance"] = float(f.metrics["target_distance"][j])
@@ -90,8 +100,12 @@ def summary(result: PhotoResult) -> dict:
             "mean_protection": float(np.mean(f.metrics["protection"])),
             "mean_protection_recognised": float(np.mean(rd)),
             "fraction_beyond_threshold_recognised": float(np.mean(rd > result.threshold)),
-            "mean_ssim": float(np.mean(f.metrics["ssim"])),
+            "mean_ssim": float(np.mean(f.metrics["ssim"])),  # the face patch, photo scale
+            "min_ssim": float(np.min(f.metrics["ssim"])),
             "passed_fraction": float(np.mean(f.metrics["passed"] > 0))})
+        if f.face_lpips is not None:
+            out["mean_lpips"] = float(np.mean(f.face_lpips))
+            out["max_lpips"] = float(np.max(f.face_lpips))
         thr = result.thresholds or {result.model: result.threshold}
         out["recognised_by"] = {
             name: {"threshold": thr[name], "mean_protection": float(np.mean(d)),
@@ -136,7 +150,8 @@ def protect_photos(images: list[np.ndarray], method: base.Method, params, *, key
     iters = np.zeros(n, np.int32)
     metrics: dict[str, np.ndarray] = {}
     target_names: list | None = [None] * n if targets is not None else None
-    plans = [faces.plan_faces(lms[j][None], np.ones(1, bool), rec) for j in range(n)]
+    plans = [faces.plan_faces(lms[j][None], np.ones(1, bool), rec, margin=PHOTO_MARGIN)
+             for j in range(n)]
     sides = faces.merge_sides([p.size for p in plans])
     plans = [p if p.size == side else faces.plan_faces(lms[j][None], np.ones(1, bool), rec,
                                                        size=side)
@@ -153,18 +168,24 @@ def protect_photos(images: list[np.ndarray], method: base.Method, params, *, key
             target, tn = targets(images, idx[group], lms[group])
             for j, name in zip(group, tn):
                 target_names[j] = name
-        b = faces.batch_bucket(len(group), faces.SOLVE_BUCKETS)
+        lanes = solve_lanes(len(group))
         progress.say(f"{method.name}: batch {g + 1}/{len(sizes)}: {len(group)} face(s) at "
-                     f"{size} px (padded to {b})", enabled=show_progress)
+                     f"{size} px ({lanes} per call)", enabled=show_progress)
         t = time.perf_counter()
         offsets = np.stack([plans[j].offsets[0] for j in group])
         plms = np.stack([plans[j].landmarks[0] for j in group])
-        res = base.solve_faces(method, params, faces.pad_batch(patches, b),
-                               faces.pad_batch(m_chip, b), jax.random.fold_in(key, size),
-                               target=None if target is None else faces.pad_batch(target, b),
-                               offsets=faces.pad_batch(offsets, b),
-                               landmarks=faces.pad_batch(plms, b))
-        res = jax.device_get(res)
+        parts = []
+        for c, lo in enumerate(range(0, len(group), lanes)):
+            sl = slice(lo, lo + lanes)
+            b = faces.batch_bucket(len(group[sl]), faces.SOLVE_BUCKETS)
+            part = base.solve_faces(
+                method, params, faces.pad_batch(patches[sl], b), faces.pad_batch(m_chip[sl], b),
+                jax.random.fold_in(jax.random.fold_in(key, size), c),
+                target=None if target is None else faces.pad_batch(target[sl], b),
+                offsets=faces.pad_batch(offsets[sl], b), landmarks=faces.pad_batch(plms[sl], b))
+            k = len(group[sl])
+            parts.append(jax.tree.map(lambda x, k=k: np.asarray(x)[:k], jax.device_get(part)))
+        res = jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
         t_solve += time.perf_counter() - t
         for k, j in enumerate(group):
             out[idx[j]] = faces.paste_patches(out[idx[j]][None], patches[k:k + 1],
@@ -176,18 +197,24 @@ def protect_photos(images: list[np.ndarray], method: base.Method, params, *, key
                 metrics[name] = np.full((n,) + v.shape[1:], np.nan, np.float32)
             metrics[name][group] = v[:len(group)]
     # The protection each recogniser sees in the written photo, through its own alignment path.
+    # The face-region LPIPS of the report: the primary recogniser's aligned chips.
     recs = registry.members(rec)
     by = {r.name: np.zeros(n, np.float32) for r in recs}
+    chips: list = [None] * n
     for i in sorted(set(idx.tolist())):
         sel = np.flatnonzero(idx == i)
         for r in recs:
-            e_clean, _ = recognise.embed_faces(images[i], lms[sel], r.name)
-            e_prot, _ = recognise.embed_faces(out[i], lms[sel], r.name)
+            e_clean, c_clean = recognise.embed_faces(images[i], lms[sel], r.name)
+            e_prot, c_prot = recognise.embed_faces(out[i], lms[sel], r.name)
             by[r.name][sel] = np.linalg.norm(e_clean - e_prot, axis=-1)
+            if r is recs[0]:
+                for k, j in enumerate(sel):
+                    chips[j] = (c_clean[k], c_prot[k])
+    face_lpips = _chip_lpips(chips) if n else None
     records = FaceRecords(image=idx, box=boxes, landmarks=lms, iterations=iters,
                           metrics=metrics, recognised_distance=by[recs[0].name],
                           target=None if target_names is None else tuple(target_names),
-                          recognised_by=by)
+                          recognised_by=by, face_lpips=face_lpips)
     return PhotoResult(images=out, faces=records,
                        small_faces=np.array([pf.small for pf in found], int),
                        method=method.name, model=rec.name, mode=None, config=method.config,
@@ -195,6 +222,35 @@ def protect_photos(images: list[np.ndarray], method: base.Method, params, *, key
                        thresholds={r.name: float(r.threshold) for r in recs},
                        detect_seconds=t_detect,
                        solve_seconds=t_solve, wall_seconds=time.perf_counter() - t_start)
+
+
+def solve_lanes(n: int) -> int:
+    """Returns how many faces one compiled call optimises side by side (vmap lanes).
+
+    Lanes run in lock step: a call lasts as long as its slowest face, and a finished lane is
+    masked but still computed. An accelerator fills its width with lanes, so all n go in one
+    call; a CPU gains nothing from width, so its faces go one per call (same compiled shape)
+    and each stops at its own iteration count.
+    """
+    return 1 if jax.default_backend() == "cpu" else n
+
+
+def _chip_lpips(pairs: list) -> np.ndarray:
+    """Returns [F] LPIPS (AlexNet) of (clean, protected) chip pairs, one compiled batch."""
+    from faceveil.models import lpips
+
+    a = np.stack([c for c, _ in pairs])
+    b = np.stack([p for _, p in pairs])
+    m = faces.batch_bucket(len(pairs))
+    d = _lpips_fn()(jax.device_put(lpips.load()), faces.pad_batch(a, m), faces.pad_batch(b, m))
+    return np.asarray(d)[:len(pairs)]
+
+
+@functools.cache
+def _lpips_fn():
+    from faceveil.models import lpips
+
+    return jax.jit(lpips.lpips)
 
 
 def target_centroids(pool: str | Path, model: str = "dlib") -> tuple[list[str], np.ndarray]:

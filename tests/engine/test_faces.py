@@ -79,7 +79,7 @@ def test_ensemble_plan_holds_every_members_chip(photo):
     # one `recognise` would use for that recogniser (same frame geometry, patch coordinates).
     from faceveil.models import registry
 
-    image, lms = photo
+    _, lms = photo
     ens = registry.get("dlib,facenet")
     plan = faces.plan_faces(lms, np.ones(1, bool), ens)
     assert plan.m_chip.shape == (1, 2, 2, 3)
