@@ -75,6 +75,9 @@ def reference_distances(clean: np.ndarray, attacked: np.ndarray, found: np.ndarr
     identities: list[str | None] = []
     for i in range(c):
         frames = np.flatnonzero(mask[i])
+        if not frames.size:  # a track the attacker never saw (e.g. its detector missed it)
+            identities.append(None)
+            continue
         e_clean = clean[i, frames].astype(np.float64)
         e_att = attacked[i, frames].astype(np.float64)
         n = len(frames)
