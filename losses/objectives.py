@@ -19,7 +19,7 @@ from jax.typing import ArrayLike
 
 from faceveil.losses.distances import hull_distance, minkowski, safe_norm, subspace_distance
 from faceveil.losses.perceptual import dssim
-from faceveil.losses.regularisers import block_variance, budget_hinge
+from faceveil.losses.regularisers import block_variance, block_variance_terms, budget_hinge
 
 __all__ = [
     "CLOAK_LAM",
@@ -131,6 +131,8 @@ def veil_objective(
     lam: float = 0.01,
     mu: float = 0.01,
     hull_iterations: int = 50,
+    weights: ArrayLike | None = None,
+    var_terms: str = "both",
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Returns (loss, aux) of the person-specific veil objective (Once-for-all).
 
@@ -138,7 +140,9 @@ def veil_objective(
         loss = sum_i [ L_fea(x'_i) - lam * ||x_i - x'_i||_2 + mu * L_var(x'_i) ]
 
     L_fea(x') is the distance of F(x') to the subspace spanned by (mode 'subspace') or the
-    convex hull of (mode 'hull') the rows of W = `basis_feats`; L_var is `block_variance`.
+    convex hull of (mode 'hull') the rows of W = `basis_feats`, or (mode 'own', the V-UAP
+    baseline without a feature set) the distance of F(x'_i) to its own chip's F(x_i), row i of
+    W; L_var is `block_variance` (`var_terms` 'both') or its Var_inner alone ('inner').
 
     The defaults of lam and mu are scale-matched starting points, not the paper's values: for
     a 150x150x3 chip ||x - x'||_2 is O(100) and its gradient has L1 norm ~sqrt(#pixels) ~ 260
@@ -155,13 +159,17 @@ def veil_objective(
       lam: weight of the visual-difference reward.
       mu: weight of the block-variance penalty.
       hull_iterations: solver iterations in 'hull' mode (static).
+      weights: [N] per-chip weights of the sum (0 for padding rows); default all 1.
+      var_terms: 'both' (Var_inner + Var_intra, DESIGN.md literally) or 'inner'.
 
     Returns:
       loss: scalar (summed over chips).
       aux: fea, vis, var: [N] unweighted per-chip terms; loss: scalar.
     """
-    if mode not in ("subspace", "hull"):
-        raise ValueError(f"mode must be 'subspace' or 'hull', got {mode!r}")
+    if mode not in ("subspace", "hull", "own"):
+        raise ValueError(f"mode must be 'subspace', 'hull' or 'own', got {mode!r}")
+    if var_terms not in ("both", "inner"):
+        raise ValueError(f"var_terms must be 'both' or 'inner', got {var_terms!r}")
     veil = jnp.asarray(veil)
     chips = jnp.asarray(chips)
     basis = jax.lax.stop_gradient(jnp.asarray(basis_feats))
@@ -169,11 +177,14 @@ def veil_objective(
     feats = jax.vmap(features_fn)(blended)
     if mode == "subspace":
         fea = subspace_distance(feats, basis)
-    else:
+    elif mode == "hull":
         fea = hull_distance(feats, basis, iterations=hull_iterations)
+    else:
+        fea = safe_norm(feats - basis)
     vis = safe_norm((chips - blended).reshape(chips.shape[0], -1))
-    var = block_variance(blended)
-    loss = jnp.sum(fea - lam * vis + mu * var)
+    var = block_variance(blended) if var_terms == "both" else block_variance_terms(blended)[0]
+    w = jnp.ones(chips.shape[0]) if weights is None else jnp.asarray(weights)
+    loss = jnp.sum(w * (fea - lam * vis + mu * var))
     return loss, {"fea": fea, "vis": vis, "var": var, "loss": loss}
 
 

@@ -8,6 +8,12 @@
     faceveil cloak-video --input IN.mp4 --output OUT.mp4 [--reuse none|copy|affine]
                    [--report report.json] [--model ...] [--mode ...] [--segment L]
                    [--field chip|patch]
+    faceveil veil make --photos DIR --key alice.veil [--model dlib|facenet] [--count 10]
+                   [--alpha 0.2] [--feature-set subspace|hull] [--noblock-variance] [--iters N]
+    faceveil veil apply INPUTS... --key alice.veil --out DIR
+    faceveil veil recover INPUTS... --key alice.veil --out DIR
+                   (passphrase: --passphrase_file F, the variable named by --passphrase_env
+                   [FACEVEIL_PASSPHRASE], or a prompt; never on the command line)
     faceveil demo [--out DIR]
     faceveil check --protected FILES_OR_DIR[,...] --references DIR [--model dlib,facenet]
                    [--png out.png] [--json out.json]
@@ -58,8 +64,22 @@ flags.DEFINE_integer("segment", None, "cloak-video: cut tracks into chains of th
 flags.DEFINE_bool("resume", True, "cloak-video: continue an interrupted job.")
 flags.DEFINE_float("min_score", 0.9, "detect: report faces whose O-Net score is at least this.")
 flags.DEFINE_bool("overwrite", False, "Allow an output path that names an input file.")
+flags.DEFINE_string("photos", None, "veil make: folder of the person's photos.")
+flags.DEFINE_string("key", None, "veil: the person's encrypted key file.")
+flags.DEFINE_integer("count", 10, "veil make: photos of the person to use.")
+flags.DEFINE_float("alpha", 0.2, "veil make: weight of the face in the veiled face.")
+flags.DEFINE_enum("feature-set", "subspace", ["subspace", "hull"],
+                  "veil make: keep the veiled faces' features in the span (subspace) or the "
+                  "convex hull of the person's features.")
+flags.DEFINE_bool("block-variance", True, "veil make: the block-variance term (hides the face's "
+                  "shape); --noblock-variance is the ablation.")
+flags.DEFINE_integer("iters", None, "veil make: MI-FGSM iterations (default 200).")
+flags.DEFINE_string("passphrase_env", "FACEVEIL_PASSPHRASE",
+                    "veil: environment variable holding the key's passphrase.")
+flags.DEFINE_string("passphrase_file", None, "veil: file whose first line is the passphrase.")
 
-COMMANDS = ("fetch-weights", "detect", "compare", "cloak", "cloak-video", "demo", "check")
+COMMANDS = ("fetch-weights", "detect", "compare", "cloak", "cloak-video", "veil", "demo",
+            "check")
 
 # `faceveil check`: some photo is not protected (distinct from 1, a user error).
 EXIT_NOT_PROTECTED = 2
@@ -124,6 +144,45 @@ def _cmd_cloak_video(args):
                         overwrite=FLAGS.overwrite, segment=FLAGS.segment, field=FLAGS.field)
 
 
+def _cmd_veil(args):
+    from faceveil.engine.commands import veil_cli
+    from faceveil.engine.methods import veil as veil_core
+
+    actions = ("make", "apply", "recover")
+    if not args or args[0] not in actions:
+        raise UserError(f"veil needs an action: faceveil veil {'|'.join(actions)} ...")
+    action, rest = args[0], args[1:]
+    if not FLAGS.key:
+        raise UserError(f"veil {action} needs --key KEYFILE")
+    secret = {"passphrase_env": FLAGS.passphrase_env, "passphrase_file": FLAGS.passphrase_file}
+    if action == "make":
+        if rest:
+            raise UserError(f"veil make takes no positional arguments (got {rest}); use --photos")
+        if not FLAGS.photos:
+            raise UserError("veil make needs --photos DIR (photos of one person)")
+        if "," in FLAGS.model:
+            raise UserError(f"--model={FLAGS.model}: a veil is made against one recogniser")
+        overrides = {"alpha": FLAGS.alpha, "feature_set": FLAGS["feature-set"].value,
+                     "block_variance": FLAGS["block-variance"].value}
+        if FLAGS.iters is not None:
+            overrides["iters"] = FLAGS.iters
+        try:
+            config = veil_core.VeilConfig(**overrides)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        veil_cli.make(FLAGS.photos, FLAGS.key, model=FLAGS.model, count=FLAGS.count,
+                      config=config, overwrite=FLAGS.overwrite, **secret)
+        return
+    if not FLAGS.out:
+        raise UserError(f"veil {action} needs --out DIR")
+    if not rest:
+        raise UserError(f"veil {action} needs photos or videos: faceveil veil {action} "
+                        "INPUTS... --key KEY --out DIR")
+    model = FLAGS.model if FLAGS["model"].present else None
+    getattr(veil_cli, action)(rest, FLAGS.out, key=FLAGS.key, model=model,
+                              overwrite=FLAGS.overwrite, **secret)
+
+
 def _cmd_demo(args):
     from faceveil.engine.commands import demo
 
@@ -175,6 +234,7 @@ _HANDLERS = {
     "compare": _cmd_compare,
     "cloak": _cmd_cloak,
     "cloak-video": _cmd_cloak_video,
+    "veil": _cmd_veil,
     "demo": _cmd_demo,
     "check": _cmd_check,
 }

@@ -118,7 +118,8 @@ def protect_photos(images: list[np.ndarray], method: base.Method, params, *, key
                    targets: Callable[[list[np.ndarray], np.ndarray, np.ndarray],
                                      tuple[np.ndarray, list]] | None = None,
                    min_score: float = 0.9, min_face: float = 40.0, names=None,
-                   show_progress: bool = True) -> PhotoResult:
+                   show_progress: bool = True, found: list[faces.PhotoFaces] | None = None,
+                   lanes: int | None = None, measure: bool = True) -> PhotoResult:
     """Returns the PhotoResult of running a method on every face of every photo.
 
     Args:
@@ -132,15 +133,21 @@ def protect_photos(images: list[np.ndarray], method: base.Method, params, *, key
       min_face: faces whose box side is smaller (pixels) are left alone and counted.
       names: a name per photo for the progress lines (default its index).
       show_progress: progress lines on stderr.
+      found: the faces of each photo, found before (skips detection: e.g. only one person's
+        faces, or faces a veil's sidecar recorded).
+      lanes: faces per compiled call (default `solve_lanes`: one per call on a CPU, where
+        lanes of an iterative method run in lock step; a method without iterations takes all).
+      measure: measure each face's protection again through `recognise` (and its LPIPS).
     """
     t_start = time.perf_counter()
     rec = method.recogniser
     names = names or [f"photo {i + 1}" for i in range(len(images))]
-    found = []
-    for i, img in enumerate(images):
-        found.append(faces.find_photo_faces(img, min_score=min_score, min_face=min_face))
-        progress.say(f"find faces: {i + 1}/{len(images)} {names[i]}: "
-                     f"{len(found[-1].boxes)} face(s)", enabled=show_progress)
+    if found is None:
+        found = []
+        for i, img in enumerate(images):
+            found.append(faces.find_photo_faces(img, min_score=min_score, min_face=min_face))
+            progress.say(f"find faces: {i + 1}/{len(images)} {names[i]}: "
+                         f"{len(found[-1].boxes)} face(s)", enabled=show_progress)
     t_detect = time.perf_counter() - t_start
     idx = np.array([i for i, pf in enumerate(found) for _ in range(len(pf.boxes))], int)
     boxes = np.concatenate([pf.boxes for pf in found] + [np.zeros((0, 4), np.float32)])
@@ -168,15 +175,15 @@ def protect_photos(images: list[np.ndarray], method: base.Method, params, *, key
             target, tn = targets(images, idx[group], lms[group])
             for j, name in zip(group, tn):
                 target_names[j] = name
-        lanes = solve_lanes(len(group))
+        per_call = lanes or solve_lanes(len(group))
         progress.say(f"{method.name}: batch {g + 1}/{len(sizes)}: {len(group)} face(s) at "
-                     f"{size} px ({lanes} per call)", enabled=show_progress)
+                     f"{size} px ({per_call} per call)", enabled=show_progress)
         t = time.perf_counter()
         offsets = np.stack([plans[j].offsets[0] for j in group])
         plms = np.stack([plans[j].landmarks[0] for j in group])
         parts = []
-        for c, lo in enumerate(range(0, len(group), lanes)):
-            sl = slice(lo, lo + lanes)
+        for c, lo in enumerate(range(0, len(group), per_call)):
+            sl = slice(lo, lo + per_call)
             b = faces.batch_bucket(len(group[sl]), faces.SOLVE_BUCKETS)
             part = base.solve_faces(
                 method, params, faces.pad_batch(patches[sl], b), faces.pad_batch(m_chip[sl], b),
@@ -199,9 +206,9 @@ def protect_photos(images: list[np.ndarray], method: base.Method, params, *, key
     # The protection each recogniser sees in the written photo, through its own alignment path.
     # The face-region LPIPS of the report: the primary recogniser's aligned chips.
     recs = registry.members(rec)
-    by = {r.name: np.zeros(n, np.float32) for r in recs}
+    by = {r.name: np.full(n, 0.0 if measure else np.nan, np.float32) for r in recs}
     chips: list = [None] * n
-    for i in sorted(set(idx.tolist())):
+    for i in sorted(set(idx.tolist())) if measure else ():
         sel = np.flatnonzero(idx == i)
         for r in recs:
             e_clean, c_clean = recognise.embed_faces(images[i], lms[sel], r.name)
@@ -210,7 +217,7 @@ def protect_photos(images: list[np.ndarray], method: base.Method, params, *, key
             if r is recs[0]:
                 for k, j in enumerate(sel):
                     chips[j] = (c_clean[k], c_prot[k])
-    face_lpips = _chip_lpips(chips) if n else None
+    face_lpips = _chip_lpips(chips) if n and measure else None
     records = FaceRecords(image=idx, box=boxes, landmarks=lms, iterations=iters,
                           metrics=metrics, recognised_distance=by[recs[0].name],
                           target=None if target_names is None else tuple(target_names),

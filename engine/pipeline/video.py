@@ -54,6 +54,7 @@ class VideoJob:
     # side by side (their heads cold-start). None: one chain per track.
     segment: int | None = None
     progress: bool = True  # progress lines on stderr
+    lossless: bool = False  # write the picture losslessly (`video_io.VideoWriter`)
 
 
 @dataclasses.dataclass
@@ -325,7 +326,7 @@ def protect_video(source, method: base.Method, params, *, output: str | None = N
     writer = None
     if is_path and output:
         writer = video_io.VideoWriter(output, fps, audio_from=source if info.audio_codec else None,
-                                     audio_lead=info.audio_lead)
+                                     audio_lead=info.audio_lead, lossless=job.lossless)
         writer.__enter__()
     encoder = _Encoder(writer)
     ok = False

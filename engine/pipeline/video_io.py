@@ -203,7 +203,7 @@ class VideoWriter:
     """
 
     def __init__(self, path: str | os.PathLike, fps: float, *, audio_from: str | None = None,
-                 quality: int = 8, audio_lead: float | None = None):
+                 quality: int = 8, audio_lead: float | None = None, lossless: bool = False):
         self.path = Path(path)
         self.fps = fps
         self.audio_from = None if audio_from is None else str(audio_from)
@@ -213,6 +213,9 @@ class VideoWriter:
             audio_lead = _audio_lead(self.audio_from) if self.audio_from else 0.0
         self.audio_lead = float(audio_lead)
         self.quality = quality
+        # Lossless: H.264 in RGB at qp 0 (bit-exact frames; e.g. a veiled video, whose
+        # recovery would amplify coding error 1 / alpha times). Large files, fewer players.
+        self.lossless = lossless
         self.frames_written = 0
         self._gen = None
         self._tmp = None
@@ -245,9 +248,13 @@ class VideoWriter:
         if self._gen is None:
             h, w = frames.shape[1:3]
             # The picture alone; the audio is muxed in by __exit__, once its length is known.
+            if self.lossless:
+                codec = {"codec": "libx264rgb", "pix_fmt_out": "rgb24", "quality": None,
+                         "output_params": ["-qp", "0", "-y"]}
+            else:
+                codec = {"codec": "libx264", "quality": self.quality, "output_params": ["-y"]}
             self._gen = imageio_ffmpeg.write_frames(
-                self._video_tmp or self._tmp, (w, h), fps=self.fps, quality=self.quality,
-                codec="libx264", macro_block_size=1, output_params=["-y"])
+                self._video_tmp or self._tmp, (w, h), fps=self.fps, macro_block_size=1, **codec)
             self._gen.send(None)
         for f in frames:
             self._gen.send(np.ascontiguousarray(f))
