@@ -283,6 +283,33 @@ class VeiledImages:
     distances: list  # per photo: [F] clean distance of each veiled face to the key's person
 
 
+def footprints(landmarks: np.ndarray, recogniser) -> np.ndarray:
+    """Returns [K, 4] (x1, y1, x2, y2) the frame-pixel box around each face's chip."""
+    m = faces.chip_transforms(np.asarray(landmarks, np.float32).reshape(-1, 5, 2), recogniser)
+    s = recogniser.chip_size - 1.0
+    corners = np.array([[0, 0, 1], [s, 0, 1], [0, s, 1], [s, s, 1]], np.float32)
+    pts = np.einsum("kij,cj->kci", m, corners)  # [K, 4 corners, 2]
+    return np.concatenate([pts.min(axis=1), pts.max(axis=1)], axis=1)
+
+
+def apart(landmarks: np.ndarray, recogniser) -> np.ndarray:
+    """Returns [K] bool: the faces to veil so that no two veiled footprints overlap.
+
+    Recovery removes each face's veil on its own, which only inverts the blend where one veil
+    lies: where two footprints of the person overlap (in practice a second, smaller detection
+    of the same face) the larger face is kept and the other left alone.
+    """
+    box = footprints(landmarks, recogniser)
+    area = (box[:, 2] - box[:, 0]) * (box[:, 3] - box[:, 1])
+    keep = np.zeros(len(box), bool)
+    for k in np.argsort(-area, kind="stable"):
+        kept = box[keep]
+        hit = ((np.minimum(kept[:, 2], box[k, 2]) > np.maximum(kept[:, 0], box[k, 0]))
+               & (np.minimum(kept[:, 3], box[k, 3]) > np.maximum(kept[:, 1], box[k, 1])))
+        keep[k] = not hit.any()
+    return keep
+
+
 def person_photo_faces(image: np.ndarray, veil: Veil, *, min_face: float = 40.0,
                        min_score: float = 0.9) -> tuple[faces.PhotoFaces, int, np.ndarray]:
     """Returns (the person's faces, other faces left alone, their distances) of one photo."""
@@ -292,6 +319,7 @@ def person_photo_faces(image: np.ndarray, veil: Veil, *, min_face: float = 40.0,
     emb, _ = recognise.embed_faces(image, pf.landmarks, veil.model)
     d = veil.distance(emb)
     mine = d <= veil.recogniser.threshold
+    mine[mine] = apart(pf.landmarks[mine], veil.recogniser)
     chosen = faces.PhotoFaces(boxes=pf.boxes[mine], scores=pf.scores[mine],
                               landmarks=pf.landmarks[mine], small=pf.small)
     return chosen, int((~mine).sum()), d[mine]
@@ -422,6 +450,9 @@ def veil_video(source, veil: Veil, *, output=None, min_face: float = 40.0, chunk
     for i in np.flatnonzero(~keep):
         for t, s in found.tracks.members(int(i)):
             det["valid"][t, s] = False
+    for t in np.flatnonzero(det["valid"].sum(axis=1) > 1):  # overlapping veils: see `apart`
+        k = np.flatnonzero(det["valid"][t])
+        det["valid"][t, k] = apart(det["landmarks"][t, k], veil.recogniser)
     res = video.protect_video(source, veil.method(), np.asarray(veil.veil, np.float32),
                               output=output, job=job, resume=False,
                               detections=faces.track_faces(det))

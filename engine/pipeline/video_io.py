@@ -295,6 +295,8 @@ class VideoWriter:
                     done = True
         finally:
             if done:
+                # mkstemp creates 0600; a video output is an ordinary file, like the photos.
+                os.chmod(self._tmp, 0o644)
                 os.replace(self._tmp, self.path)
             elif self._tmp:
                 Path(self._tmp).unlink(missing_ok=True)
