@@ -25,6 +25,10 @@ the conv path is smaller than the pooled path (3x3 vs 4x4, 1x1 vs 2x2), so part 
 the shortcut alone; this is dlib's behaviour and must be kept. "affine" is batch norm folded
 into a per-channel scale and shift.
 
+The stages (LAYERS, stem .. pool) can be run in parts: `DlibResNet.run(x, start, end)` runs
+stages [start, end), so a service can finish the embedding from a user's shallow features
+(`Recogniser.shallow` / `Recogniser.rest`).
+
 Usage:
     params = store.load("dlib_resnet")          # after `faceveil fetch-weights`
     emb, feats = DlibResNet().apply({"params": params}, chips)
@@ -180,7 +184,6 @@ class DlibResNet(nn.Module):
 
     precision: Precision = None
 
-    @nn.compact
     def __call__(self, chips: ArrayLike) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Returns (embedding [N, 128], features) for chips [N, 150, 150, 3] in [0, 1].
 
@@ -188,17 +191,32 @@ class DlibResNet(nn.Module):
         "level4" [N,35,35,32], "level3" [N,17,17,64], "level2" [N,8,8,128], "level1"
         [N,4,4,256], "level0" [N,2,2,256], "pool" [N,256].
         """
-        x = jnp.asarray(chips, jnp.float32)
-        # dlib feeds 0..255 pixel values minus the mean, divided by 256 (not 255).
-        x = (255.0 * x - jnp.asarray(MEAN_RGB, jnp.float32)) / 256.0
-        feats = {"stem": Stem(self.precision, name="stem")(x)}
-        x = feats["stem"]
-        for name, n, down in dlib_format.BLOCKS:
-            x = ResBlock(n, down, self.precision, name=name)(x)
-            feats[name.split("_")[0]] = x  # the last block of a level is the level's output
-        feats["pool"] = x = jnp.mean(x, axis=(1, 2))
-        emb = nn.Dense(EMBED_DIM, use_bias=False, precision=self.precision, name="fc")(x)
-        return emb, feats
+        return self.run(chips, 0, len(LAYERS))
+
+    @nn.compact
+    def run(self, x: ArrayLike, start: int, end: int) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Returns (output, {stage: features}) of stages LAYERS[start:end] run on x.
+
+        x is the chips when start is 0, else the output of stage start - 1; the output is the
+        embedding when end is len(LAYERS) (the fc follows the last stage), else stage end - 1's.
+        """
+        x = jnp.asarray(x, jnp.float32)
+        feats = {}
+        for name in LAYERS[start:end]:
+            if name == "stem":
+                # dlib feeds 0..255 pixel values minus the mean, divided by 256 (not 255).
+                x = (255.0 * x - jnp.asarray(MEAN_RGB, jnp.float32)) / 256.0
+                x = Stem(self.precision, name="stem")(x)
+            elif name == "pool":
+                x = jnp.mean(x, axis=(1, 2))
+            else:
+                for block, n, down in dlib_format.BLOCKS:
+                    if block.split("_")[0] == name:
+                        x = ResBlock(n, down, self.precision, name=block)(x)
+            feats[name] = x
+        if end == len(LAYERS):
+            x = nn.Dense(EMBED_DIM, use_bias=False, precision=self.precision, name="fc")(x)
+        return x, feats
 
 
 # --------------------------------------------------------------------------------------------
@@ -265,18 +283,25 @@ def _apply(model: DlibResNet, params: dict, chips: ArrayLike):
     return model.apply({"params": params}, chips)
 
 
+def _run(model: DlibResNet, params: dict, x: ArrayLike, start: int, end: int):
+    return model.apply({"params": params}, x, start, end, method=DlibResNet.run)
+
+
 def recogniser(precision: Precision = None) -> registry.Recogniser:
     """Returns the dlib ResNet behind the common Recogniser interface."""
+    model = DlibResNet(precision=precision)
     return registry.Recogniser(
         name="dlib",
         chip_size=CHIP_SIZE,
         template=TEMPLATE,
-        apply=functools.partial(_apply, DlibResNet(precision=precision)),
+        apply=functools.partial(_apply, model),
         embed_dim=EMBED_DIM,
         threshold=THRESHOLD,
         metric="euclidean",
         layers=LAYERS,
         load_params=functools.partial(store.load, SOURCE.name),
+        stages=LAYERS,
+        run=functools.partial(_run, model),
     )
 
 

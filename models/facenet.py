@@ -9,6 +9,8 @@ into its kernel and a bias (`<scope>/Conv2D_bn_offset`), so each conv here is co
 Data convention: chips float32 in [0, 1], NHWC, RGB, 160x160; preprocessing happens inside
 (`preprocess`). The model returns `(embedding [N, 512], features)`: the embedding is
 L2-normalised as in the graph; `features` holds named intermediates, shallow to deep (LAYERS).
+`FaceNet.run(x, start, end)` runs stages STAGES[start:end] (conv1a .. pool), so the network can
+be split into a shallow part and the rest (`Recogniser.shallow` / `Recogniser.rest`).
 Parity with cv2.dnn on the same .pb: benchmarks/parity_facenet.py.
 """
 
@@ -35,6 +37,7 @@ BN_EPSILON = 1e-3  # the bottleneck FusedBatchNorm's epsilon (checked against th
 SCALE_35, SCALE_17, SCALE_8 = 0.17, 0.10, 0.20
 LAYERS = ("conv1a", "conv2a", "conv2b", "conv3b", "conv4a", "conv4b", "block35", "mixed6a",
           "block17", "mixed7a", "block8", "pool", "bottleneck")
+STAGES = LAYERS[:-1]  # what FaceNet.run runs in parts; the bottleneck head follows "pool"
 GRAPH_PREFIX = "InceptionResnetV1/"
 
 # Where the 5 MTCNN landmarks (left eye, right eye, nose, mouth left, mouth right; image-left
@@ -182,43 +185,63 @@ class FaceNet(nn.Module):
     preprocessing: str = "fixed"
     precision: PrecisionLike = None
 
-    @nn.compact
     def __call__(self, chips: ArrayLike) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Returns (embedding [N,512] of unit L2 norm, {layer: activation}) for chips [N,160,160,3].
 
         Args:
           chips: float32 RGB face chips in [0, 1], NHWC.
         """
+        return self.run(chips, 0, len(STAGES))
+
+    @nn.compact
+    def run(self, x: ArrayLike, start: int, end: int) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Returns (output, {layer: activation}) of stages STAGES[start:end] run on x.
+
+        x is the chips when start is 0, else the output of stage start - 1; the output is the
+        embedding when end is len(STAGES) (the bottleneck head follows "pool"; its pre-norm
+        output is the "bottleneck" feature), else stage end - 1's.
+        """
         p = self.precision
         conv = functools.partial(_conv, precision=p)
+
+        def repeat(x, block, scale, prefix, n):
+            for i in range(1, n + 1):
+                x = Residual(block, scale, precision=p, name=f"{prefix}_{i}")(x)
+            return x
+
+        def last_block8(x):  # "Block8": scale 1, no ReLU
+            return Residual(_BLOCK8, 1.0, activate=False, precision=p, name="Block8")(x)
+
+        def pool(x):
+            # Logits/AvgPool_1a_8x8 is a 3x3 VALID pool in the graph: the global mean at 160.
+            x = nn.avg_pool(x, (3, 3), padding="VALID")
+            return x.reshape(x.shape[0], -1)  # the graph's Reshape is batch-1 only
+
+        stages = {  # each builds its layers only when it runs
+            "conv1a": lambda x: conv(preprocess(x, self.preprocessing), 32, (3, 3),
+                                     "Conv2d_1a_3x3", 2, "VALID"),
+            "conv2a": lambda x: conv(x, 32, (3, 3), "Conv2d_2a_3x3", 1, "VALID"),
+            "conv2b": lambda x: conv(x, 64, (3, 3), "Conv2d_2b_3x3"),
+            # MaxPool_3a_3x3 first: "conv2b" is the feature before the pool.
+            "conv3b": lambda x: conv(_max_pool_3x3_s2(x), 80, (1, 1), "Conv2d_3b_1x1", 1,
+                                     "VALID"),
+            "conv4a": lambda x: conv(x, 192, (3, 3), "Conv2d_4a_3x3", 1, "VALID"),
+            "conv4b": lambda x: conv(x, 256, (3, 3), "Conv2d_4b_3x3", 2, "VALID"),
+            "block35": lambda x: repeat(x, _BLOCK35, SCALE_35, "block35", 5),
+            "mixed6a": lambda x: Mixed6a(precision=p, name="Mixed_6a")(x),
+            "block17": lambda x: repeat(x, _BLOCK17, SCALE_17, "block17", 10),
+            "mixed7a": lambda x: Mixed7a(precision=p, name="Mixed_7a")(x),
+            "block8": lambda x: last_block8(repeat(x, _BLOCK8, SCALE_8, "block8", 5)),
+            "pool": pool,
+        }
         feats = {}
-        x = preprocess(chips, self.preprocessing)
-        x = feats["conv1a"] = conv(x, 32, (3, 3), "Conv2d_1a_3x3", 2, "VALID")
-        x = feats["conv2a"] = conv(x, 32, (3, 3), "Conv2d_2a_3x3", 1, "VALID")
-        x = feats["conv2b"] = conv(x, 64, (3, 3), "Conv2d_2b_3x3")
-        x = _max_pool_3x3_s2(x)  # MaxPool_3a_3x3
-        x = feats["conv3b"] = conv(x, 80, (1, 1), "Conv2d_3b_1x1", 1, "VALID")
-        x = feats["conv4a"] = conv(x, 192, (3, 3), "Conv2d_4a_3x3", 1, "VALID")
-        x = feats["conv4b"] = conv(x, 256, (3, 3), "Conv2d_4b_3x3", 2, "VALID")
-        for i in range(1, 6):
-            x = Residual(_BLOCK35, SCALE_35, precision=p, name=f"block35_{i}")(x)
-        feats["block35"] = x
-        x = feats["mixed6a"] = Mixed6a(precision=p, name="Mixed_6a")(x)
-        for i in range(1, 11):
-            x = Residual(_BLOCK17, SCALE_17, precision=p, name=f"block17_{i}")(x)
-        feats["block17"] = x
-        x = feats["mixed7a"] = Mixed7a(precision=p, name="Mixed_7a")(x)
-        for i in range(1, 6):
-            x = Residual(_BLOCK8, SCALE_8, precision=p, name=f"block8_{i}")(x)
-        x = Residual(_BLOCK8, 1.0, activate=False, precision=p, name="Block8")(x)
-        feats["block8"] = x
-        # Logits/AvgPool_1a_8x8 is a 3x3 VALID pool in the graph: the global mean at 160 input.
-        x = nn.avg_pool(x, (3, 3), padding="VALID")
-        x = feats["pool"] = x.reshape(x.shape[0], -1)  # the graph's Reshape is batch-1 only
-        x = nn.Dense(EMBED_DIM, use_bias=False, precision=p, name="Bottleneck")(x)
-        x = feats["bottleneck"] = FrozenBatchNorm(BN_EPSILON, name="Bottleneck_BN")(x)
-        emb = x * jax.lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(x), -1, keepdims=True), 1e-10))
-        return emb, feats
+        for name in STAGES[start:end]:
+            x = feats[name] = stages[name](x)
+        if end == len(STAGES):
+            x = nn.Dense(EMBED_DIM, use_bias=False, precision=p, name="Bottleneck")(x)
+            x = feats["bottleneck"] = FrozenBatchNorm(BN_EPSILON, name="Bottleneck_BN")(x)
+            x = x * jax.lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(x), -1, keepdims=True), 1e-10))
+        return x, feats
 
 
 class FrozenBatchNorm(nn.Module):
@@ -366,6 +389,13 @@ def apply(params, chips: ArrayLike, *, preprocessing: str = "fixed",
     return model.apply({"params": params}, chips)
 
 
+def run(params, x: ArrayLike, start: int, end: int, *, preprocessing: str = "fixed",
+        precision: PrecisionLike = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Returns (output, features) of stages STAGES[start:end] run on x (see FaceNet.run)."""
+    model = FaceNet(preprocessing=preprocessing, precision=precision)
+    return model.apply({"params": params}, x, start, end, method=FaceNet.run)
+
+
 def _factory() -> registry.Recogniser:
     return registry.Recogniser(
         name="facenet",
@@ -381,6 +411,8 @@ def _factory() -> registry.Recogniser:
         layers=LAYERS,
         load_params=lambda: store.load("facenet"),
         aspect=ASPECT,
+        stages=STAGES,
+        run=run,
     )
 
 

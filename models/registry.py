@@ -12,6 +12,10 @@ similarity transform frame -> chip from detected landmarks to this template. `re
 (default 1) is the height/width ratio of the face region the chip squashes into a square (FaceNet
 was trained on MTCNN box crops ~1.26x taller than wide): the similarity is fitted in
 unsquashed chip coordinates and the chip then squashes y by it (`align.chip_transform`).
+
+Split (PMT's shallow model E_c): `rec.shallow(params, chips, cut)` runs the first `cut` of
+`rec.stages` and returns their outputs; `rec.rest(params, feats, cut)` finishes the embedding
+from the last of them, so `rest(shallow(x, L)[-1], L)` is `embed(x)` for L in 1..len(stages)-1.
 """
 
 from __future__ import annotations
@@ -36,10 +40,42 @@ class Recogniser:
     layers: tuple[str, ...]  # names of the intermediate features, shallow to deep
     load_params: Callable[[], dict]  # from the weight store
     aspect: float = 1.0  # height/width of the region the chip squashes (see module docstring)
+    stages: tuple[str, ...] = ()  # the stages `run` runs, in order (features named alike)
+    run: Callable | None = None  # (params, x, start, end) -> (stage end-1's output, or the
+    #   embedding when end == len(stages); {stage: features}) of stages [start, end) on x
 
     def embed(self, params, chips):
         """Returns the embeddings [N, D] of aligned chips [N, S, S, 3] in [0, 1]."""
         return self.apply(params, chips)[0]
+
+    def _check_cut(self, cut: int) -> None:
+        n = len(self.stages) if self.run is not None else 0
+        if n < 2:
+            raise ValueError(f"{self.name} cannot be split into a shallow part and the rest")
+        if not 1 <= cut < n:
+            raise ValueError(
+                f"cut {cut}: {self.name} has stages 1..{n - 1} "
+                f"({self.stages[0]} .. {self.stages[n - 2]})"
+            )
+
+    def shallow(self, params, chips, cut: int) -> list:
+        """Returns the outputs [N, h, w, c] of stages 1..cut for chips [N, S, S, 3] in [0, 1].
+
+        Raises:
+          ValueError: cut is not in 1..len(stages) - 1.
+        """
+        self._check_cut(cut)
+        feats = self.run(params, chips, 0, cut)[1]
+        return [feats[name] for name in self.stages[:cut]]
+
+    def rest(self, params, feats, cut: int):
+        """Returns the embeddings [N, D] finished from `feats`, stage `cut`'s output.
+
+        Raises:
+          ValueError: cut is not in 1..len(stages) - 1.
+        """
+        self._check_cut(cut)
+        return self.run(params, feats, cut, len(self.stages))[0]
 
 
 @dataclasses.dataclass(frozen=True)
