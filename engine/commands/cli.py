@@ -14,6 +14,10 @@
     faceveil veil recover INPUTS... --key alice.veil --out DIR
                    (passphrase: --passphrase_file F, the variable named by --passphrase_env
                    [FACEVEIL_PASSPHRASE], or a prompt; never on the command line)
+    faceveil pmt IMAGES... --out DIR --authorised dlib[,facenet] [--layers L]
+                   [--upload image|features] [--init noise|shuffle|blur]
+                   [--augment noise|affine|mix|none] [--kernel gaussian|linear|none]
+                   [--kernel-size k] [--iters K] [--step s]
     faceveil demo [--out DIR]
     faceveil check --protected FILES_OR_DIR[,...] --references DIR [--model dlib,facenet]
                    [--png out.png] [--json out.json]
@@ -73,13 +77,27 @@ flags.DEFINE_enum("feature-set", "subspace", ["subspace", "hull"],
                   "convex hull of the person's features.")
 flags.DEFINE_bool("block-variance", True, "veil make: the block-variance term (hides the face's "
                   "shape); --noblock-variance is the ablation.")
-flags.DEFINE_integer("iters", None, "veil make: MI-FGSM iterations (default 200).")
+flags.DEFINE_integer("iters", None, "veil make: MI-FGSM iterations (default 200); pmt: "
+                     "iterations (default 300).")
+flags.DEFINE_string("authorised", "dlib", "pmt: the recogniser(s) whose shallow part is shared "
+                    "(dlib, facenet, or dlib,facenet for MR-PMT).")
+flags.DEFINE_integer("layers", 2, "pmt: the cut: stages 1..L are the shared shallow model.")
+flags.DEFINE_enum("upload", "image", ["image", "features"],
+                  "pmt: write obfuscated faces and photos (image) or shallow features (.npz).")
+flags.DEFINE_enum("init", "noise", ["noise", "shuffle", "blur"], "pmt: the start of x~.")
+flags.DEFINE_enum("augment", "mix", ["noise", "affine", "mix", "none"],
+                  "pmt: augmentation drawn once per iteration for both sides.")
+flags.DEFINE_enum("kernel", "gaussian", ["gaussian", "linear", "none"],
+                  "pmt: translation-invariant smoothing of the gradient.")
+flags.DEFINE_integer("kernel-size", 5, "pmt: smoothing kernel length.")
+flags.DEFINE_float("step", None, "pmt: sign-step size (default 4/255, decaying to a tenth).")
+flags.DEFINE_bool("aggregate", True, "pmt: layer aggregation of stages 1..L (pooled).")
 flags.DEFINE_string("passphrase_env", "FACEVEIL_PASSPHRASE",
                     "veil: environment variable holding the key's passphrase.")
 flags.DEFINE_string("passphrase_file", None, "veil: file whose first line is the passphrase.")
 
-COMMANDS = ("fetch-weights", "detect", "compare", "cloak", "cloak-video", "veil", "demo",
-            "check")
+COMMANDS = ("fetch-weights", "detect", "compare", "cloak", "cloak-video", "veil", "pmt",
+            "demo", "check")
 
 # `faceveil check`: some photo is not protected (distinct from 1, a user error).
 EXIT_NOT_PROTECTED = 2
@@ -183,6 +201,35 @@ def _cmd_veil(args):
                               overwrite=FLAGS.overwrite, **secret)
 
 
+def _cmd_pmt(args):
+    from faceveil.engine.commands import pmt_cli
+    from faceveil.engine.methods import pmt
+    from faceveil.models import registry
+
+    if not FLAGS.out:
+        raise UserError("pmt needs --out DIR")
+    if not args:
+        raise UserError("pmt needs at least one image: faceveil pmt IMAGES... --out DIR")
+    try:
+        rec = registry.get(FLAGS.authorised)
+    except (KeyError, ValueError) as e:
+        raise UserError(f"--authorised={FLAGS.authorised}: {e.args[0]}") from None
+    overrides = {"layers": FLAGS.layers, "init": FLAGS.init, "augment": FLAGS.augment,
+                 "kernel": FLAGS.kernel, "kernel_size": FLAGS["kernel-size"].value,
+                 "aggregate": FLAGS.aggregate}
+    if FLAGS.iters is not None:
+        overrides["iters"] = FLAGS.iters
+    if FLAGS.step is not None:
+        overrides["step"] = FLAGS.step
+    try:
+        config = pmt.PmtConfig(**overrides)
+        pmt.check_layers(rec, config.layers)
+    except ValueError as e:
+        raise UserError(f"--layers/--iters/--kernel-size: {e}") from None
+    pmt_cli.run(args, FLAGS.out, authorised=FLAGS.authorised, config=config,
+                upload=FLAGS.upload, overwrite=FLAGS.overwrite)
+
+
 def _cmd_demo(args):
     from faceveil.engine.commands import demo
 
@@ -235,6 +282,7 @@ _HANDLERS = {
     "cloak": _cmd_cloak,
     "cloak-video": _cmd_cloak_video,
     "veil": _cmd_veil,
+    "pmt": _cmd_pmt,
     "demo": _cmd_demo,
     "check": _cmd_check,
 }

@@ -1,0 +1,279 @@
+"""PMT, the privacy minimisation transformation (DESIGN.md method 4, Pu et al.): compiled core.
+
+A service shares the shallow part E_c (stages 1..L, `Recogniser.shallow`) of its recogniser.
+Per face, an obfuscated chip x~ on the (primary) authorised recogniser's chip is optimised so
+that E_c sees it as the original chip x:
+
+    x~_0 = uniform noise | a random pixel shuffle of x | x under a heavy blur   (`init`)
+    repeat iters times:
+        J  = sum_m  mean (E_m(T(x~)) - E_m(T(x)))^2                    the cut's full output
+              (+ sum_m sum_l<=L mean (pool E_m,l(T(x~)) - pool E_m,l(T(x)))^2   `aggregate`)
+        x~ <- clip(x~ - step_k * sign(W (*) grad J))                   (W: `kernel`, TI)
+
+T is one random augmentation per iteration (`augment`: noise, a small affine, both) drawn once
+and applied to both sides; step_k decays linearly from `step` to `step / 10`. MR-PMT: with a
+`registry.Ensemble` every member's term is summed, each member seeing x~ through its own chip
+(x~ carried from the primary chip by the two chip transforms; where x~ does not cover the
+member's chip, the member sees the original face). Basic PMT is `PRESETS['basic']` (no
+augmentation, no aggregation, no smoothing); `enhanced` is the default.
+
+As a method of `faceveil.engine.methods.base` (`PmtMethod`), a face's patch is returned with the
+primary chip's footprint replaced by x~ (the photo a user uploads in image mode); its metrics
+hold x~ itself (feature upload sends `cut_features` of it) and, per member, the distance of
+the embedding finished from E_c(x~) to the original's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from faceveil import losses
+from faceveil.engine.methods import base
+from faceveil.engine.pipeline import align
+from faceveil.models import registry
+
+INITS = ("noise", "shuffle", "blur")
+AUGMENTS = ("none", "noise", "affine", "mix")
+KERNELS = ("none", "gaussian", "linear")
+
+
+@dataclasses.dataclass(frozen=True)
+class PmtConfig:
+    """Settings of PMT (presets: PRESETS)."""
+
+    layers: int = 2  # the cut: stages 1..layers are the shared shallow model
+    init: str = "noise"
+    augment: str = "mix"
+    kernel: str = "gaussian"
+    kernel_size: int = 5
+    aggregate: bool = True  # layer aggregation of the pooled outputs of stages 1..layers
+    iters: int = 300
+    step: float = 4.0 / 255.0
+    noise_sigma: float = 0.02  # augmentation noise (image units)
+    affine_amount: float = 0.03  # augmentation: shift (fraction), log-scale and angle (rad)
+    blur_sigma: float = 8.0  # init 'blur' (chip pixels)
+
+    def __post_init__(self):
+        for name, value, allowed in (("init", self.init, INITS),
+                                     ("augment", self.augment, AUGMENTS),
+                                     ("kernel", self.kernel, KERNELS)):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        if self.iters < 1 or self.layers < 1 or self.kernel_size < 1:
+            raise ValueError("iters, layers and kernel_size must be at least 1")
+
+
+PRESETS = {
+    "basic": {"augment": "none", "aggregate": False, "kernel": "none"},
+    "enhanced": {},
+    # Table X of the paper: each enhancement alone.
+    "augment_only": {"aggregate": False, "kernel": "none"},
+    "aggregate_only": {"augment": "none", "kernel": "none"},
+    "kernel_only": {"augment": "none", "aggregate": False},
+}
+
+
+def preset(name: str = "enhanced", **overrides) -> PmtConfig:
+    """Returns the PmtConfig of a named preset with overrides."""
+    if name not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {name!r}")
+    return PmtConfig(**{**PRESETS[name], **overrides})
+
+
+def check_layers(recogniser, layers: int) -> None:
+    """Raises ValueError (naming the valid range) when a member cannot be cut at `layers`."""
+    for rec in registry.members(recogniser):
+        rec._check_cut(layers)
+
+
+class PmtMetrics(NamedTuple):
+    """Per-face results of PMT (NaN / zeros where no face)."""
+
+    objective: jax.Array  # [] J at the last iteration
+    authorised_distance: jax.Array  # [R] embedding distance, finished from E_c(x~) vs clean
+    obfuscated: jax.Array  # [S, S, 3] float x~ on the primary chip
+
+
+def _init(cfg: PmtConfig, key, x):
+    if cfg.init == "noise":
+        return jax.random.uniform(key, x.shape, jnp.float32)
+    if cfg.init == "shuffle":
+        flat = x.reshape(-1, x.shape[-1])
+        return jax.random.permutation(key, flat, axis=0).reshape(x.shape)
+    import dm_pix
+
+    return dm_pix.gaussian_blur(x, cfg.blur_sigma, kernel_size=int(4 * cfg.blur_sigma) | 1)
+
+
+def _augment(cfg: PmtConfig, key, size: int):
+    """Returns one draw of T: a function on [S, S, 3] chips (the same for both sides)."""
+    k_noise, k_aff = jax.random.split(key)
+    use_noise = cfg.augment in ("noise", "mix")
+    use_affine = cfg.augment in ("affine", "mix")
+    noise = cfg.noise_sigma * jax.random.normal(k_noise, (size, size, 3))
+    a = cfg.affine_amount
+    s, r, tx, ty = jax.random.uniform(k_aff, (4,), minval=-a, maxval=a)
+    c = (size - 1) / 2.0
+    scale = jnp.exp(s)
+    lin = scale * jnp.array([[jnp.cos(r), -jnp.sin(r)], [jnp.sin(r), jnp.cos(r)]])
+    shift = jnp.array([c, c]) - lin @ jnp.array([c, c]) + size * jnp.array([tx, ty])
+    m = jnp.concatenate([lin, shift[:, None]], axis=1)
+
+    def t(x):
+        if use_affine:
+            x = align.warp(x, m, (size, size))
+        if use_noise:
+            x = x + noise
+        return x
+
+    return t
+
+
+def _objective(recs, cfg: PmtConfig, params, views, x_tilde, originals, key):
+    """Returns J summed over the members (views: x~ -> each member's chip)."""
+    total = 0.0
+    for r, (rec, p, view, orig) in enumerate(zip(recs, params, views, originals)):
+        t = _augment(cfg, jax.random.fold_in(key, r), rec.chip_size)
+        a = rec.shallow(p, t(view(x_tilde))[None], cfg.layers)
+        b = jax.lax.stop_gradient(rec.shallow(p, t(orig)[None], cfg.layers))
+        total = total + jnp.mean((a[-1] - b[-1]) ** 2)
+        if cfg.aggregate:
+            total = total + jnp.mean((losses.aggregate_layers(a) - losses.aggregate_layers(b)) ** 2)
+    return total
+
+
+def _solve(recogniser, cfg: PmtConfig, params, patch, m_chip, key):
+    """Returns (x~ [S, S, 3], J, distances [R]) of one face."""
+    recs = registry.members(recogniser)
+    params = tuple(params) if len(recs) > 1 else (params,)
+    m = m_chip if len(recs) > 1 else m_chip[None]
+    size = recs[0].chip_size
+    originals = [align.warp(patch, m[r], (rec.chip_size, rec.chip_size))
+                 for r, rec in enumerate(recs)]
+
+    def view_of(r, rec):
+        if r == 0:
+            return lambda z: z
+        to_primary = align.compose(align.invert(m[0]), m[r])  # member chip -> primary chip
+
+        def view(z):
+            v, u = jnp.meshgrid(jnp.arange(rec.chip_size, dtype=jnp.float32),
+                                jnp.arange(rec.chip_size, dtype=jnp.float32), indexing="ij")
+            xs = to_primary[0, 0] * u + to_primary[0, 1] * v + to_primary[0, 2]
+            ys = to_primary[1, 0] * u + to_primary[1, 1] * v + to_primary[1, 2]
+            inside = (xs >= 0) & (xs <= size - 1) & (ys >= 0) & (ys <= size - 1)
+            return jnp.where(inside[..., None], align.sample_bilinear(z, xs, ys), originals[r])
+
+        return view
+
+    views = [view_of(r, rec) for r, rec in enumerate(recs)]
+    k_init, k_loop = jax.random.split(key)
+    x0 = jnp.clip(_init(cfg, k_init, originals[0]), 0.0, 1.0)
+    kernel = (None if cfg.kernel == "none"
+              else losses.smoothing_kernel(cfg.kernel, cfg.kernel_size))
+    grad_fn = jax.value_and_grad(functools.partial(_objective, recs, cfg, params, views))
+
+    def body(k, carry):
+        x, _ = carry
+        j, g = grad_fn(x, originals, jax.random.fold_in(k_loop, k))
+        if kernel is not None:
+            g = _smooth(g, kernel)
+        step = cfg.step * (1.0 - 0.9 * k / max(cfg.iters - 1, 1))
+        return jnp.clip(x - step * jnp.sign(g), 0.0, 1.0), j
+
+    x, j = jax.lax.fori_loop(0, cfg.iters, body, (x0, jnp.zeros((), jnp.float32)))
+    dists = []
+    for rec, p, view, orig in zip(recs, params, views, originals):
+        f = rec.shallow(p, view(x)[None], cfg.layers)[-1]
+        e = rec.rest(p, f, cfg.layers)[0]
+        dists.append(jnp.linalg.norm(e - rec.apply(p, orig[None])[0][0]))
+    return x, j, jnp.stack(dists)
+
+
+def _smooth(g, kernel: np.ndarray):
+    k = jnp.asarray(kernel, g.dtype)[:, :, None, None] * jnp.ones((1, 1, 1, g.shape[-1]))
+    out = jax.lax.conv_general_dilated(
+        g[None], k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=g.shape[-1], precision=jax.lax.Precision.HIGHEST)
+    return out[0]
+
+
+def replace_footprint(patch, m_chip, chip):
+    """Returns uint8 patch [P, P, 3] with the chip's footprint replaced by `chip` [S, S, 3]."""
+    x = jnp.asarray(patch).astype(jnp.float32) / 255.0
+    size = x.shape[0]
+    inv = align.invert(jnp.asarray(m_chip, jnp.float32))
+    v, u = jnp.meshgrid(jnp.arange(size, dtype=jnp.float32),
+                        jnp.arange(size, dtype=jnp.float32), indexing="ij")
+    xs = inv[0, 0] * u + inv[0, 1] * v + inv[0, 2]
+    ys = inv[1, 0] * u + inv[1, 1] * v + inv[1, 2]
+    last = chip.shape[0] - 1.0
+    inside = (xs >= 0) & (xs <= last) & (ys >= 0) & (ys <= last)
+    y = jnp.where(inside[..., None], align.sample_bilinear(chip, xs, ys), x)
+    return jnp.round(jnp.clip(y, 0, 1) * 255.0).astype(jnp.uint8)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PmtMethod:
+    """PMT as a method of `faceveil.engine.methods.base`: params are the recogniser's (a tuple
+    per member for an `Ensemble`, the authorised shallow models of MR-PMT)."""
+
+    recogniser: object
+    config: PmtConfig = PmtConfig()
+    name: str = "pmt"
+
+    def __post_init__(self):
+        check_layers(self.recogniser, self.config.layers)
+
+    def cache_key(self) -> tuple:
+        """Returns what identifies this method's compiled code."""
+        return (self.name, self.config) + tuple(
+            (r.name, r.chip_size, float(r.aspect)) for r in registry.members(self.recogniser))
+
+    def __hash__(self):
+        return hash(self.cache_key())
+
+    def __eq__(self, other):
+        return isinstance(other, PmtMethod) and self.cache_key() == other.cache_key()
+
+    def init_state(self, params, key, patch_size: int) -> jax.Array:
+        """Returns the chain state: its PRNG key (every face draws from it)."""
+        del params, patch_size
+        return jnp.asarray(key)
+
+    def target_spec(self, params, patch_size: int) -> jax.ShapeDtypeStruct:
+        """Returns the (unused) per-chain target."""
+        del params, patch_size
+        return jax.ShapeDtypeStruct((), jnp.float32)
+
+    def step(self, params, target, state, face: base.FaceFrame):
+        """Returns (state, FaceOutput) of one face: x~ optimised, the footprint replaced."""
+        del target
+        key, k_face = jax.random.split(state)
+        m = face.m_chip
+        x, j, dists = _solve(self.recogniser, self.config, params,
+                                    face.patch.astype(jnp.float32) / 255.0, m, k_face)
+        m0 = m[0] if m.ndim == 3 else m
+        out = jnp.where(face.present, replace_footprint(face.patch, m0, x), face.patch)
+        nan = jnp.where(face.present, 0.0, jnp.nan)
+        metrics = PmtMetrics(objective=j + nan, authorised_distance=dists + nan, obfuscated=x)
+        return key, base.FaceOutput(protected=out, iters=jnp.asarray(self.config.iters,
+                                                                     jnp.int32),
+                                    metrics=metrics)
+
+
+_CUT_FNS: dict = {}
+
+
+def cut_features(recogniser, params, chips, layers: int) -> jax.Array:
+    """Returns [N, h, w, c] E_c(chips) at the cut: what a user uploads in feature mode."""
+    key = (recogniser.name, layers)
+    if key not in _CUT_FNS:
+        _CUT_FNS[key] = jax.jit(lambda p, c: recogniser.shallow(p, c, layers)[-1])
+    return _CUT_FNS[key](params, jnp.asarray(chips, jnp.float32))
