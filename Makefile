@@ -22,7 +22,7 @@ install: $(STAMP)
 # Oracles for parity tests: CPU torch (installs offline from the local wheel) and facenet-pytorch
 # without its dependencies (it would pull torchvision, which has no CPU wheel here).
 $(VENV)/.test-installed: $(STAMP)
-	$(PIP) --build-constraint constraints.txt -e '.[test,demo]'
+	$(PIP) --build-constraint constraints.txt -e '.[test,demo,attacks]'
 	$(PIP) torch==2.13.0
 	$(PIP) --no-deps facenet-pytorch==2.6.0
 	touch $@

