@@ -163,11 +163,7 @@ def _solve(recogniser, cfg: PmtConfig, params, patch, m_chip, key):
         to_primary = align.compose(align.invert(m[0]), m[r])  # member chip -> primary chip
 
         def view(z):
-            v, u = jnp.meshgrid(jnp.arange(rec.chip_size, dtype=jnp.float32),
-                                jnp.arange(rec.chip_size, dtype=jnp.float32), indexing="ij")
-            xs = to_primary[0, 0] * u + to_primary[0, 1] * v + to_primary[0, 2]
-            ys = to_primary[1, 0] * u + to_primary[1, 1] * v + to_primary[1, 2]
-            inside = (xs >= 0) & (xs <= size - 1) & (ys >= 0) & (ys <= size - 1)
+            xs, ys, inside = align.footprint(to_primary, rec.chip_size, size)
             return jnp.where(inside[..., None], align.sample_bilinear(z, xs, ys), originals[r])
 
         return view
@@ -207,14 +203,8 @@ def _smooth(g, kernel: np.ndarray):
 def replace_footprint(patch, m_chip, chip):
     """Returns uint8 patch [P, P, 3] with the chip's footprint replaced by `chip` [S, S, 3]."""
     x = jnp.asarray(patch).astype(jnp.float32) / 255.0
-    size = x.shape[0]
-    inv = align.invert(jnp.asarray(m_chip, jnp.float32))
-    v, u = jnp.meshgrid(jnp.arange(size, dtype=jnp.float32),
-                        jnp.arange(size, dtype=jnp.float32), indexing="ij")
-    xs = inv[0, 0] * u + inv[0, 1] * v + inv[0, 2]
-    ys = inv[1, 0] * u + inv[1, 1] * v + inv[1, 2]
-    last = chip.shape[0] - 1.0
-    inside = (xs >= 0) & (xs <= last) & (ys >= 0) & (ys <= last)
+    xs, ys, inside = align.footprint(align.invert(jnp.asarray(m_chip, jnp.float32)),
+                                     x.shape[0], chip.shape[0])
     y = jnp.where(inside[..., None], align.sample_bilinear(chip, xs, ys), x)
     return jnp.round(jnp.clip(y, 0, 1) * 255.0).astype(jnp.uint8)
 

@@ -186,18 +186,6 @@ class VeilMetrics(NamedTuple):
     coverage: jax.Array  # [] fraction of the patch inside the chip's footprint
 
 
-def _footprint(m_chip: jax.Array, size: int, chip_size: int):
-    """Returns (chip x [P, P], chip y [P, P], inside [P, P]) of every patch pixel."""
-    inv = align.invert(m_chip)
-    v, u = jnp.meshgrid(jnp.arange(size, dtype=jnp.float32),
-                        jnp.arange(size, dtype=jnp.float32), indexing="ij")
-    xs = inv[0, 0] * u + inv[0, 1] * v + inv[0, 2]
-    ys = inv[1, 0] * u + inv[1, 1] * v + inv[1, 2]
-    last = chip_size - 1.0
-    inside = (xs >= 0.0) & (xs <= last) & (ys >= 0.0) & (ys <= last)
-    return xs, ys, inside
-
-
 def blend_patch(patch: ArrayLike, m_chip: ArrayLike, veil: ArrayLike, alpha: float,
                 *, recover: bool = False, sigma: float = 0.0) -> tuple[jax.Array, jax.Array]:
     """Returns (uint8 patch [P, P, 3], inside [P, P]) with the veil applied or removed.
@@ -212,7 +200,8 @@ def blend_patch(patch: ArrayLike, m_chip: ArrayLike, veil: ArrayLike, alpha: flo
     """
     veil = jnp.asarray(veil, jnp.float32)
     x = jnp.asarray(patch).astype(jnp.float32) / 255.0
-    xs, ys, inside = _footprint(jnp.asarray(m_chip, jnp.float32), x.shape[0], veil.shape[0])
+    xs, ys, inside = align.footprint(align.invert(jnp.asarray(m_chip, jnp.float32)),
+                                     x.shape[0], veil.shape[0])
     v = align.sample_bilinear(veil, xs, ys)
     if recover:
         y = jnp.clip((x - (1.0 - alpha) * v) / alpha, 0.0, 1.0)

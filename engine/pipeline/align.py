@@ -126,6 +126,22 @@ def warp(image: ArrayLike, m: ArrayLike, size: tuple[int, int], fill: float = 0.
     return sample_bilinear(image, xs, ys, fill)
 
 
+def footprint(m: ArrayLike, out_size: int, source_size: int):
+    """Returns (xs, ys, inside), each [out, out]: where each output pixel falls in a square source.
+
+    `m` maps output pixel coordinates to source pixel coordinates (as `warp` takes it);
+    `inside` marks the output pixels whose position lies within the source's pixel centres,
+    e.g. the patch pixels a chip covers (m: patch -> chip).
+    """
+    m = jnp.asarray(m, jnp.float32)
+    v, u = jnp.meshgrid(jnp.arange(out_size, dtype=jnp.float32),
+                        jnp.arange(out_size, dtype=jnp.float32), indexing="ij")
+    xs = m[0, 0] * u + m[0, 1] * v + m[0, 2]
+    ys = m[1, 0] * u + m[1, 1] * v + m[1, 2]
+    last = source_size - 1.0
+    return xs, ys, (xs >= 0.0) & (xs <= last) & (ys >= 0.0) & (ys <= last)
+
+
 def antialias(image: ArrayLike, m: ArrayLike, radius: int = 6) -> jax.Array:
     """Returns image [H, W, C] blurred so that `warp(image, m, ...)` does not alias.
 
