@@ -27,7 +27,6 @@ reconstructed from unprotected features.
 
 from __future__ import annotations
 
-import io
 import json
 import sys
 import time
@@ -37,11 +36,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
-from PIL import Image
+from matplotlib.figure import Figure
 
 from benchmarks import parity_dlib
 from faceveil import losses
 from faceveil.engine.attacks import data_abuse, reconstruction
+from faceveil.engine.commands import report
 from faceveil.engine.methods import base, pmt
 from faceveil.engine.pipeline import faces, image_io, progress, recognise
 from faceveil.models import registry
@@ -168,16 +168,12 @@ def _lpips(a, b) -> np.ndarray:
 
 def write_grid(path: Path, pics: dict, ids, rows: int = 6) -> None:
     """Writes original / obfuscated / reconstructed (PMT) / reconstructed (unprotected)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     cols = [k for k in ("original", "obfuscated", "pmt", "unprotected") if k in pics]
     titles = {"original": "original", "obfuscated": "obfuscated x~",
               "pmt": "reconstructed\nfrom E_c(x~)", "unprotected": "reconstructed\nfrom E_c(x)"}
     n = min(rows, len(ids))
-    fig, axes = plt.subplots(n, len(cols), figsize=(2.0 * len(cols), 2.0 * n), squeeze=False)
+    fig = Figure(figsize=(2.0 * len(cols), 2.0 * n), dpi=90, layout="constrained")
+    axes = fig.subplots(n, len(cols), squeeze=False)
     for r in range(n):
         for c, k in enumerate(cols):
             ax = axes[r, c]
@@ -188,36 +184,20 @@ def write_grid(path: Path, pics: dict, ids, rows: int = 6) -> None:
                 ax.set_title(titles[k], fontsize=8)
             if c == 0:
                 ax.set_ylabel(ids[r], fontsize=7)
-    fig.tight_layout()
-    _save(fig, path)
+    report._save(fig, path)
 
 
 def write_up(path: Path, reports: list[dict]) -> None:
     """Writes the UP(sigma, 0.2) curves of every authorised configuration."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    fig = Figure(figsize=(4.5, 3.2), dpi=90, layout="constrained")
+    ax = fig.subplots()
     for rep in reports:
         ax.plot([float(s) for s in rep["up"]], list(rep["up"].values()),
                 label=rep["authorised"])
     ax.set_xlabel("sigma (LPIPS privacy threshold)")
     ax.set_ylabel("UP(sigma, 0.2)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    _save(fig, path)
-
-
-def _save(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
-    buf.seek(0)
-    image_io.write_image(path, np.asarray(Image.open(buf).convert("RGB")))
+    report._save(fig, path)
 
 
 def run(data: Path, *, iters=None, layers=2, max_faces=None, ablation_faces=8,

@@ -38,10 +38,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+from matplotlib.figure import Figure
 from PIL import Image
 
 from benchmarks import parity_dlib
 from faceveil import losses
+from faceveil.engine.commands import report
 from faceveil.engine.methods import base
 from faceveil.engine.methods import veil as veil_core
 from faceveil.engine.pipeline import faces, image_io, progress, recognise, veils
@@ -238,12 +240,8 @@ def run_variant(name: str, who: str, items, judges, cfg, *, seed: int, rng) -> d
 
 def write_grid(path: Path, grids: list[tuple[str, tuple]], title: str) -> None:
     """Writes the PNG grid: one row per identity (original, veiled, recovered chips)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(len(grids), 3, figsize=(6.6, 2.2 * len(grids)), squeeze=False)
+    fig = Figure(figsize=(6.6, 2.2 * len(grids)), dpi=90, layout="constrained")
+    axes = fig.subplots(len(grids), 3, squeeze=False)
     for r, (who, trio) in enumerate(grids):
         for c, (img, label) in enumerate(zip(trio, ("original", "veiled", "recovered"))):
             ax = axes[r, c]
@@ -255,12 +253,7 @@ def write_grid(path: Path, grids: list[tuple[str, tuple]], title: str) -> None:
             if c == 0:
                 ax.set_ylabel(who, fontsize=8)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
-    buf.seek(0)
-    image_io.write_image(path, np.asarray(Image.open(buf).convert("RGB")))
+    report._save(fig, path)
 
 
 def run(data: Path, *, model: str = "dlib", iters: int | None = None, variants=VARIANTS,

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+from matplotlib.figure import Figure
+
 from faceveil.engine import keyfile
+from faceveil.engine.commands import report
 from faceveil.engine.methods import veil as veil_core
 from faceveil.engine.pipeline import image_io, veil_files, veils
 
@@ -17,6 +21,22 @@ def loss_curve_path(key: str | Path) -> Path:
     """Returns where `veil make` writes the loss curve: beside the key, `<key stem>.loss.png`."""
     key = Path(key)
     return key.with_name(key.stem + ".loss.png")
+
+
+def write_loss_curve(result: veils.MakeResult, path, *, inputs=()) -> Path:
+    """Returns the path of a PNG of the make's loss terms per iteration."""
+    c = result.losses
+    fig = Figure(figsize=(11, 3.2), dpi=100, layout="constrained")
+    axes = fig.subplots(1, 3)
+    for ax, (name, v) in zip(axes, (("L_fea (feature-set distance)", c.fea),
+                                    ("L_vis ||x - x'||", c.vis), ("L_var (block variance)", c.var))):
+        ax.plot(np.arange(1, len(v) + 1), v)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("iteration")
+    fig.suptitle(f"veil make ({result.veil.model}, {len(result.person.files)} photos)",
+                 fontsize=10)
+    image_io.ensure_not_input(path, inputs)
+    return report._save(fig, path)
 
 
 def make(photos: str, key: str, *, model: str, count: int, config: veil_core.VeilConfig,
@@ -31,7 +51,7 @@ def make(photos: str, key: str, *, model: str, count: int, config: veil_core.Vei
     passphrase = keyfile.read_passphrase(env=passphrase_env, file=passphrase_file, confirm=True)
     result = veils.make_veil(photos, model=model, count=count, config=config)
     result.veil.save(key_path, passphrase, overwrite=overwrite)
-    curve = veils.write_loss_curve(result, loss_curve_path(key_path))
+    curve = write_loss_curve(result, loss_curve_path(key_path))
     print(f"veil of {len(result.person.files)} photo(s) against {model}: "
           f"{result.seconds:.1f} s, final feature distance {float(result.losses.fea[-1]):.4f}")
     print(f"key -> {key_path}\nloss curve -> {curve}")

@@ -241,34 +241,6 @@ def make_veil(photos_in, *, model: str = "dlib", count: int = DEFAULT_COUNT,
                       seconds=time.perf_counter() - t0, compile_seconds=t_compile)
 
 
-def write_loss_curve(result: MakeResult, path, *, inputs=()) -> Path:
-    """Returns the path of a PNG of the make's loss terms per iteration."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    c = result.losses
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
-    for ax, (name, v) in zip(axes, (("L_fea (feature-set distance)", c.fea),
-                                    ("L_vis ||x - x'||", c.vis), ("L_var (block variance)", c.var))):
-        ax.plot(np.arange(1, len(v) + 1), v)
-        ax.set_title(name, fontsize=9)
-        ax.set_xlabel("iteration")
-    fig.suptitle(f"veil make ({result.veil.model}, {len(result.person.files)} photos)",
-                 fontsize=10)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    from PIL import Image
-
-    buf.seek(0)
-    return image_io.write_image(path, np.asarray(Image.open(buf).convert("RGB")), inputs=inputs)
-
-
 # ----------------------------------------------------------------------------------------------
 # Apply and recover on arrays
 
