@@ -48,7 +48,8 @@ class Recogniser:
         """Returns the embeddings [N, D] of aligned chips [N, S, S, 3] in [0, 1]."""
         return self.apply(params, chips)[0]
 
-    def _check_cut(self, cut: int) -> None:
+    def check_cut(self, cut: int) -> None:
+        """Raises ValueError (naming the valid range) unless `cut` splits this recogniser."""
         n = len(self.stages) if self.run is not None else 0
         if n < 2:
             raise ValueError(f"{self.name} cannot be split into a shallow part and the rest")
@@ -64,7 +65,7 @@ class Recogniser:
         Raises:
           ValueError: cut is not in 1..len(stages) - 1.
         """
-        self._check_cut(cut)
+        self.check_cut(cut)
         feats = self.run(params, chips, 0, cut)[1]
         return [feats[name] for name in self.stages[:cut]]
 
@@ -74,7 +75,7 @@ class Recogniser:
         Raises:
           ValueError: cut is not in 1..len(stages) - 1.
         """
-        self._check_cut(cut)
+        self.check_cut(cut)
         return self.run(params, feats, cut, len(self.stages))[0]
 
 

@@ -31,10 +31,9 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from faceveil import losses
-from faceveil.engine.methods import base
+from faceveil.engine.methods import base, cloak
 from faceveil.engine.pipeline import align
 from faceveil.models import registry
 
@@ -89,7 +88,7 @@ def preset(name: str = "enhanced", **overrides) -> PmtConfig:
 def check_layers(recogniser, layers: int) -> None:
     """Raises ValueError (naming the valid range) when a member cannot be cut at `layers`."""
     for rec in registry.members(recogniser):
-        rec._check_cut(layers)
+        rec.check_cut(layers)
 
 
 class PmtMetrics(NamedTuple):
@@ -117,13 +116,7 @@ def _augment(cfg: PmtConfig, key, size: int):
     use_noise = cfg.augment in ("noise", "mix")
     use_affine = cfg.augment in ("affine", "mix")
     noise = cfg.noise_sigma * jax.random.normal(k_noise, (size, size, 3))
-    a = cfg.affine_amount
-    s, r, tx, ty = jax.random.uniform(k_aff, (4,), minval=-a, maxval=a)
-    c = (size - 1) / 2.0
-    scale = jnp.exp(s)
-    lin = scale * jnp.array([[jnp.cos(r), -jnp.sin(r)], [jnp.sin(r), jnp.cos(r)]])
-    shift = jnp.array([c, c]) - lin @ jnp.array([c, c]) + size * jnp.array([tx, ty])
-    m = jnp.concatenate([lin, shift[:, None]], axis=1)
+    m = cloak.jitter_transform(k_aff, size, cfg.affine_amount)
 
     def t(x):
         if use_affine:
@@ -171,15 +164,14 @@ def _solve(recogniser, cfg: PmtConfig, params, patch, m_chip, key):
     views = [view_of(r, rec) for r, rec in enumerate(recs)]
     k_init, k_loop = jax.random.split(key)
     x0 = jnp.clip(_init(cfg, k_init, originals[0]), 0.0, 1.0)
-    kernel = (None if cfg.kernel == "none"
-              else losses.smoothing_kernel(cfg.kernel, cfg.kernel_size))
+    smoother = None if cfg.kernel == "none" else losses.smooth(cfg.kernel, cfg.kernel_size)
     grad_fn = jax.value_and_grad(functools.partial(_objective, recs, cfg, params, views))
 
     def body(k, carry):
         x, _ = carry
         j, g = grad_fn(x, originals, jax.random.fold_in(k_loop, k))
-        if kernel is not None:
-            g = _smooth(g, kernel)
+        if smoother is not None:
+            g, _ = smoother.update(g, smoother.init(g))
         step = cfg.step * (1.0 - 0.9 * k / max(cfg.iters - 1, 1))
         return jnp.clip(x - step * jnp.sign(g), 0.0, 1.0), j
 
@@ -190,14 +182,6 @@ def _solve(recogniser, cfg: PmtConfig, params, patch, m_chip, key):
         e = rec.rest(p, f, cfg.layers)[0]
         dists.append(jnp.linalg.norm(e - rec.apply(p, orig[None])[0][0]))
     return x, j, jnp.stack(dists)
-
-
-def _smooth(g, kernel: np.ndarray):
-    k = jnp.asarray(kernel, g.dtype)[:, :, None, None] * jnp.ones((1, 1, 1, g.shape[-1]))
-    out = jax.lax.conv_general_dilated(
-        g[None], k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        feature_group_count=g.shape[-1], precision=jax.lax.Precision.HIGHEST)
-    return out[0]
 
 
 def replace_footprint(patch, m_chip, chip):
