@@ -43,7 +43,7 @@ from faceveil import losses
 from faceveil.engine.attacks import data_abuse, reconstruction
 from faceveil.engine.commands import report
 from faceveil.engine.methods import base, pmt
-from faceveil.engine.pipeline import faces, image_io, progress, recognise
+from faceveil.engine.pipeline import faces, image_io, photos, progress, recognise
 from faceveil.models import registry
 
 DEFAULT_DATA = parity_dlib.DEFAULT_DATA
@@ -93,13 +93,12 @@ def run_pmt(images, lms, authorised: str, cfg: pmt.PmtConfig) -> dict:
     t = time.perf_counter()
     out = jax.device_get(base.solve_faces(method, params, patches, m, jax.random.PRNGKey(0)))
     first = time.perf_counter() - t
-    steady = first  # one call (compilation included): a second would double a CPU run
-    photos = []
-    for img, p, prot, clean in zip(images, plans, out.protected, patches):
-        photos.append(faces.paste_patches(img[None], clean[None], prot[None], p.offsets,
-                                          np.ones(1, bool))[0])
-    return {"chips": np.asarray(out.metrics.obfuscated), "photos": photos,
-            "first_call_seconds": first, "faces_per_second": len(images) / steady,
+    replaced = [faces.paste_patches(img[None], clean[None], prot[None], p.offsets,
+                                    np.ones(1, bool))[0]
+                for img, p, prot, clean in zip(images, plans, out.protected, patches)]
+    # One call, compilation included: a second would double a CPU run.
+    return {"chips": np.asarray(out.metrics.obfuscated), "photos": replaced,
+            "first_call_seconds": first, "faces_per_second": len(images) / first,
             "authorised_distance": np.asarray(out.metrics.authorised_distance)}
 
 
@@ -135,7 +134,7 @@ def evaluate(authorised: str, res: dict, ids, images, lms, clean, cfg, *, recon_
                                                          centre=centres[mname])
     x = clean[primary][0]
     cos = data_abuse.centred_cosine(emb_auth, clean[primary][1], centres[primary])
-    lp = _lpips(x, res["chips"])
+    lp = photos.chip_lpips(x, res["chips"])
     rep["up"] = {str(s): float(losses.up(lp, cos, sigma=float(s), kappa=0.2)) for s in SIGMAS}
     rep["lpips_obfuscated"] = float(np.mean(lp))
     rep["ssim_obfuscated"] = float(np.mean(np.asarray(losses.ssim(jnp.asarray(x),
@@ -155,15 +154,6 @@ def evaluate(authorised: str, res: dict, ids, images, lms, clean, cfg, *, recon_
                                                                          jnp.asarray(noise)))))
     pics["original"], pics["obfuscated"] = x, res["chips"]
     return rep, pics
-
-
-def _lpips(a, b) -> np.ndarray:
-    from faceveil.models import lpips
-
-    n = faces.batch_bucket(len(a))
-    d = jax.jit(lpips.lpips)(jax.device_put(lpips.load()), faces.pad_batch(a, n),
-                             faces.pad_batch(b, n))
-    return np.asarray(d)[:len(a)]
 
 
 def write_grid(path: Path, pics: dict, ids, rows: int = 6) -> None:

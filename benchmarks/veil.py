@@ -46,7 +46,7 @@ from faceveil import losses
 from faceveil.engine.commands import report
 from faceveil.engine.methods import base
 from faceveil.engine.methods import veil as veil_core
-from faceveil.engine.pipeline import faces, image_io, progress, recognise, veils
+from faceveil.engine.pipeline import faces, image_io, photos, progress, recognise, veils
 from faceveil.models import registry
 
 DEFAULT_DATA = parity_dlib.DEFAULT_DATA
@@ -133,13 +133,8 @@ class Judge:
 
 def chip_quality(clean: np.ndarray, other: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Returns (SSIM [N], LPIPS [N]) of float chips [N, S, S, 3]."""
-    from faceveil.models import lpips
-
     s = np.asarray(losses.ssim(jnp.asarray(clean), jnp.asarray(other)))
-    n = faces.batch_bucket(len(clean))
-    lp = jax.jit(lpips.lpips)(jax.device_put(lpips.load()), faces.pad_batch(clean, n),
-                              faces.pad_batch(other, n))
-    return s, np.asarray(lp)[:len(clean)]
+    return s, photos.chip_lpips(clean, other)
 
 
 def speed(veil: veils.Veil, n: int = 64, size: int = 256, reps: int = 5) -> dict:

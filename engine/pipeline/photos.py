@@ -217,7 +217,8 @@ def protect_photos(images: list[np.ndarray], method: base.Method, params, *, key
             if r is recs[0]:
                 for k, j in enumerate(sel):
                     chips[j] = (c_clean[k], c_prot[k])
-    face_lpips = _chip_lpips(chips) if n and measure else None
+    face_lpips = (chip_lpips(np.stack([c for c, _ in chips]), np.stack([p for _, p in chips]))
+                  if n and measure else None)
     records = FaceRecords(image=idx, box=boxes, landmarks=lms, iterations=iters,
                           metrics=metrics, recognised_distance=by[recs[0].name],
                           target=None if target_names is None else tuple(target_names),
@@ -242,15 +243,17 @@ def solve_lanes(n: int) -> int:
     return 1 if jax.default_backend() == "cpu" else n
 
 
-def _chip_lpips(pairs: list) -> np.ndarray:
-    """Returns [F] LPIPS (AlexNet) of (clean, protected) chip pairs, one compiled batch."""
+def chip_lpips(clean: np.ndarray, other: np.ndarray) -> np.ndarray:
+    """Returns [F] LPIPS (AlexNet) of float chip pairs [F, S, S, 3], one compiled batch.
+
+    The batch is padded to a bucket, so calls of any size reuse a few compilations.
+    """
     from faceveil.models import lpips
 
-    a = np.stack([c for c, _ in pairs])
-    b = np.stack([p for _, p in pairs])
-    m = faces.batch_bucket(len(pairs))
-    d = _lpips_fn()(jax.device_put(lpips.load()), faces.pad_batch(a, m), faces.pad_batch(b, m))
-    return np.asarray(d)[:len(pairs)]
+    m = faces.batch_bucket(len(clean))
+    d = _lpips_fn()(jax.device_put(lpips.load()), faces.pad_batch(clean, m),
+                    faces.pad_batch(other, m))
+    return np.asarray(d)[:len(clean)]
 
 
 @functools.cache
