@@ -91,18 +91,23 @@ def veil_files(inputs, out_dir, veil: veils.Veil, *, overwrite: bool = False,
     for f in files:
         if video_io.is_video(f):
             video_io.probe(f)  # unreadable videos stop the run before anything is written
+    # Every photo's faces go through one compiled call per patch size.
+    order = list(images)
+    if order:
+        progress.say(f"veil apply: {len(order)} photo(s)", enabled=show_progress)
+        veiled = veils.veil_images([images[f] for f in order], veil, min_face=min_face)
     reports = []
     for f, out in zip(files, outs):
-        progress.say(f"veil apply: {f}", enabled=show_progress)
         common = {"kind": SIDECAR_KIND, "key_id": veil.key_id, "model": veil.model,
                   "alpha": veil.config.alpha, "source": f.name}
         if f in images:
-            res = veils.veil_images([images[f]], veil, min_face=min_face)
-            image_io.write_image(out, res.images[0], inputs=files, overwrite=overwrite)
-            entries = veils.face_entries(res.faces[0])
-            others = int(res.others[0])
+            k = order.index(f)
+            image_io.write_image(out, veiled.images[k], inputs=files, overwrite=overwrite)
+            entries = veils.face_entries(veiled.faces[k])
+            others = int(veiled.others[k])
             side = {**common, "type": "photo", "faces": entries}
         else:
+            progress.say(f"veil apply: {f}", enabled=show_progress)
             vres, entries, others = veils.veil_video(f, veil, output=out, min_face=min_face,
                                                      show_progress=show_progress)
             side = {**common, "type": "video", "frames": int(vres.frames_out),
@@ -147,18 +152,22 @@ def recover_files(inputs, out_dir, veil: veils.Veil, *, overwrite: bool = False,
     out_dir = Path(out_dir)
     outs = _check_outputs(files, out_dir, overwrite)
     sides = {f: read_sidecar(f, veil) for f in files}  # every check before any output
+    order = [f for f in files if sides[f].get("type") != "video"]
+    if order:  # every photo's faces in one compiled call per patch size
+        progress.say(f"veil recover: {len(order)} photo(s)", enabled=show_progress)
+        recovered = veils.recover_images([image_io.read_image(f) for f in order], veil,
+                                         [veils.photo_faces_from(sides[f]["faces"])
+                                          for f in order])
     reports = []
     for f, out in zip(files, outs):
-        progress.say(f"veil recover: {f}", enabled=show_progress)
         side = sides[f]
         if side.get("type") == "video":
+            progress.say(f"veil recover: {f}", enabled=show_progress)
             veils.recover_video(f, veil, side["faces"], int(side["frames"]), output=out,
                                 show_progress=show_progress)
         else:
-            image = image_io.read_image(f)
-            found = veils.photo_faces_from(side["faces"])
-            rec = veils.recover_images([image], veil, [found])[0]
-            image_io.write_image(out, rec, inputs=files, overwrite=overwrite)
+            image_io.write_image(out, recovered[order.index(f)], inputs=files,
+                                 overwrite=overwrite)
         reports.append(FileReport(str(f), str(out), "", len(side["faces"])))
     return reports
 
