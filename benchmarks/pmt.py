@@ -1,28 +1,34 @@
-"""PMT on the shared faces: data abuse, white-box reconstruction, UP, ablation, speed.
+"""PMT on the shared faces: data abuse, reconstruction, attributes, UP, ablation, speed.
 
     python -m benchmarks.pmt --json out.json [--data DIR] [--iters K] [--max_faces N]
-        [--ablation_faces N] [--recon_iters K]
+        [--ablation_faces N] [--recon_iters K] [--decoder_steps K] [--noblackbox]
 
 Faces: the largest face of every photo under DATA/faces (folder = identity), planned by the
 shared pipeline for the authorised recogniser(s) and obfuscated by `methods.pmt.PmtMethod`
-(enhanced PMT, cut after stage 2) in one compiled call per configuration; each recogniser
-(dlib, FaceNet) is authorised in turn, then both (MR-PMT).
+(enhanced PMT, the default config) in one compiled call per configuration; each recogniser
+(dlib, FaceNet) is authorised in turn, then both (MR-PMT). Every attack is a library evaluator
+of `faceveil.engine.attacks`, the same that `faceveil attack` runs on any method's outputs.
 
-- Data abuse (`engine.attacks.data_abuse`, Eq. 10, kappa 0.2 on centred cosines, the centre
-  being the mean clean embedding of these faces): authorised = the embedding finished from the
-  released features E_c(x~) (`Recogniser.rest`) against the clean face's; unauthorised = the
-  other recogniser's full model on its own chip of the photo with the face replaced. `clean`
+- Data abuse (`data_abuse`, Eq. 10, kappa 0.2 on centred cosines, the centre being the mean
+  clean embedding of these faces): authorised = the embedding finished from the released
+  features E_c(x~) (`Recogniser.rest`) against the clean face's; unauthorised = the other
+  recogniser's full model on its own chip of the photo with the face replaced. `clean`
   rows: the same recogniser on pairs of different clean photos of one person.
-- White-box reconstruction (`engine.attacks.reconstruction`, knowing the shallow model): from
-  E_c(x~) (PMT) and from E_c(x) (unprotected features), SSIM / PSNR / cosine / SRRA against
-  the clean chip; the random-noise baseline is SSIM of uniform noise against the clean chip.
-- UP(sigma, kappa=0.2): privacy LPIPS(x, x~), utility the authorised centred cosine; the curve
-  over sigma is written as a PNG.
+- White-box reconstruction (`reconstruction`, knowing the shallow model) and black-box
+  (`decoder`: a U-Net trained on (E_c(x), x) of clean faces, two folds by identity so that
+  no decoder has seen the person it reconstructs): from E_c(x~) (PMT) and from E_c(x)
+  (unprotected features), SSIM / PSNR / cosine / SRRA against the clean chip; the
+  random-noise baseline is SSIM of uniform noise against the clean chip.
+- Attributes (`attributes`): age and gender networks on the clean vs the uploaded photo's
+  dlib chip.
+- UP(sigma, kappa=0.2) (`up`): privacy LPIPS(x, x~), utility the authorised centred cosine;
+  the curves are written as a PNG.
 - Ablation (Table X): basic, each enhancement alone, enhanced; dlib authorised, on the first
   `--ablation_faces` faces.
 - Speed: faces per second of the one compiled call over all faces (compilation included).
-A PNG grid beside the JSON: original, obfuscated, reconstructed from PMT features,
-reconstructed from unprotected features.
+The JSON starts with `summary` (`summary()` says how each figure is drawn). A PNG grid beside
+the JSON: original, obfuscated, reconstructed white- and black-box from PMT features and from
+unprotected features.
 """
 
 from __future__ import annotations
@@ -40,10 +46,11 @@ from matplotlib.figure import Figure
 
 from benchmarks import parity_dlib
 from faceveil import losses
-from faceveil.engine.attacks import data_abuse, reconstruction
+from faceveil.engine.attacks import attributes, data_abuse, decoder, reconstruction, up
 from faceveil.engine.commands import report
 from faceveil.engine.methods import base, pmt
-from faceveil.engine.pipeline import faces, image_io, photos, progress, recognise
+from faceveil.engine.pipeline import align, faces, image_io, progress, recognise
+from faceveil.models import attributes as attribute_models
 from faceveil.models import registry
 
 DEFAULT_DATA = parity_dlib.DEFAULT_DATA
@@ -63,6 +70,10 @@ def _define_flags() -> None:
     flags.DEFINE_integer("max_faces", None, "Use only the first N faces.")
     flags.DEFINE_integer("ablation_faces", 8, "Faces in the ablation (dlib authorised).")
     flags.DEFINE_integer("recon_iters", 200, "White-box reconstruction iterations.")
+    flags.DEFINE_integer("decoder_steps", None, "Black-box decoder training steps (default: "
+                         "DecoderConfig's).")
+    flags.DEFINE_bool("blackbox", True, "Train the black-box decoders (two folds per "
+                      "recogniser) and attack with them.")
 
 
 def _log(msg: str) -> None:
@@ -97,7 +108,7 @@ def run_pmt(images, lms, authorised: str, cfg: pmt.PmtConfig) -> dict:
                                     np.ones(1, bool))[0]
                 for img, p, prot, clean in zip(images, plans, out.protected, patches)]
     # One call, compilation included: a second would double a CPU run.
-    return {"chips": np.asarray(out.metrics.obfuscated), "photos": replaced,
+    return {"chips": np.asarray(out.metrics.obfuscated), "photos": replaced, "images": images,
             "first_call_seconds": first, "faces_per_second": len(images) / first,
             "authorised_distance": np.asarray(out.metrics.authorised_distance)}
 
@@ -112,9 +123,69 @@ def clean_views(images, lms) -> dict:
     return out
 
 
-def evaluate(authorised: str, res: dict, ids, images, lms, clean, cfg, *, recon_iters: int,
-             centres) -> tuple[dict, dict]:
-    """Returns (report, pictures) of one authorised configuration."""
+def train_decoders(clean: dict, ids, layers: int, steps: int | None) -> dict:
+    """Returns model -> (fold of each face [N], [decoder per fold]): the black-box attacker.
+
+    Two folds by identity: each face is decoded by the decoder trained on the other fold's
+    faces, so no decoder has seen the person it reconstructs.
+    """
+    names = sorted(set(ids.tolist()))
+    fold = np.array([names.index(i) % 2 for i in ids.tolist()])
+    cfg = decoder.DecoderConfig() if steps is None else decoder.DecoderConfig(steps=steps)
+    out = {}
+    for mname in MODELS:
+        decs = []
+        for f in (0, 1):
+            _log(f"black-box decoder for {mname}, trained on fold {1 - f}")
+            decs.append(decoder.train(mname, clean[mname][0][fold != f], layers, cfg))
+        out[mname] = (fold, decs)
+    return out
+
+
+def upload_canvases(chips: np.ndarray, images, lms, primary: str) -> list[np.ndarray]:
+    """Returns uint8 photos: each uploaded chip at its face's place on a mid-grey canvas.
+
+    The unauthorised attacker of the paper holds only what was uploaded, the obfuscated face;
+    this is that face, aligned for it perfectly (the original landmarks), with nothing of the
+    photo around it. The photo with its face region replaced keeps the hair, ears and
+    background, which a recogniser with a wider crop (FaceNet's) matches to the same photo.
+    """
+    rec = registry.get(primary)
+    out = []
+    for chip, img, lm in zip(chips, images, lms):
+        canvas = np.full(img.shape, 0.5, np.float32)
+        m = faces.chip_transforms(lm[None], rec)[0]
+        out.append(np.asarray(jnp.round(align.paste(canvas, chip, m) * 255)).astype(np.uint8))
+    return out
+
+
+def _upload_accuracy(canvases, lms, model: str, reference: np.ndarray, centre) -> float:
+    """Returns Eq. 10's accuracy of `model` on the uploaded faces against clean `reference`."""
+    emb = np.concatenate([recognise.embed_faces(c, lm[None], model)[0]
+                          for c, lm in zip(canvases, lms)])
+    return data_abuse.match_accuracy(emb, reference, centre=centre)
+
+
+def _blackbox(decoders, mname: str, feats: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """Returns the chips decoded from feats [n, ...] of faces `index` by their fold's decoder."""
+    fold, decs = decoders[mname]
+    out = np.zeros((len(feats),) + (decs[0].decode(feats[:1]).shape[1:]), np.float32)
+    for f, dec in enumerate(decs):
+        sel = fold[index] == f
+        if sel.any():
+            out[sel] = dec.decode(feats[sel])
+    return out
+
+
+def _recon_report(r: reconstruction.ReconstructionResult) -> dict:
+    return {"ssim": float(np.mean(r.ssim)), "psnr": float(np.mean(r.psnr)),
+            "cosine": float(np.mean(r.cosine)), "srra": r.srra}
+
+
+def evaluate(authorised: str, res: dict, ids, lms, clean, cfg, *, recon_iters: int,
+             centres, decoders=None, attribute_model=None, index=None) -> tuple[dict, dict]:
+    """Returns (report, pictures) of one authorised configuration (faces `index` of clean)."""
+    index = np.arange(len(ids)) if index is None else np.asarray(index)
     members = [r.name for r in registry.members(registry.get(authorised))]
     rep = {"authorised": authorised, "faces": len(ids),
            "faces_per_second": round(res["faces_per_second"], 3),
@@ -125,30 +196,41 @@ def evaluate(authorised: str, res: dict, ids, images, lms, clean, cfg, *, recon_
     emb_auth = np.asarray(rec.rest(params, jnp.asarray(feats), cfg.layers))
     rep["accuracy"][f"authorised_{primary}"] = data_abuse.match_accuracy(
         emb_auth, clean[primary][1], centre=centres[primary])
+    photo_chips = {}
     for mname in MODELS:
-        emb = np.concatenate([recognise.embed_faces(ph, lm[None], mname)[0]
-                              for ph, lm in zip(res["photos"], lms)])
+        emb, chips = zip(*[recognise.embed_faces(ph, lm[None], mname)
+                           for ph, lm in zip(res["photos"], lms)])
+        photo_chips[mname] = np.concatenate(chips)
         role = "authorised" if mname in members else "unauthorised"
-        key = f"{role}_{mname}_photo"
-        rep["accuracy"][key] = data_abuse.match_accuracy(emb, clean[mname][1],
-                                                         centre=centres[mname])
+        rep["accuracy"][f"{role}_{mname}_photo"] = data_abuse.match_accuracy(
+            np.concatenate(emb), clean[mname][1], centre=centres[mname])
+        if role == "unauthorised":
+            rep["accuracy"][f"unauthorised_{mname}"] = _upload_accuracy(
+                upload_canvases(res["chips"], res["images"], lms, primary), lms, mname,
+                clean[mname][1], centres[mname])
     x = clean[primary][0]
-    cos = data_abuse.centred_cosine(emb_auth, clean[primary][1], centres[primary])
-    lp = photos.chip_lpips(x, res["chips"])
-    rep["up"] = {str(s): float(losses.up(lp, cos, sigma=float(s), kappa=0.2)) for s in SIGMAS}
-    rep["lpips_obfuscated"] = float(np.mean(lp))
+    curve = up.evaluate(rec, params, x, res["chips"], centre=centres[primary],
+                        sigmas=SIGMAS, protected_embeddings=emb_auth)
+    rep["up"] = {str(s): float(u) for s, u in zip(curve.sigmas, curve.up)}
+    rep["lpips_obfuscated"] = float(np.mean(curve.privacy))
     rep["ssim_obfuscated"] = float(np.mean(np.asarray(losses.ssim(jnp.asarray(x),
                                                                    jnp.asarray(res["chips"])))))
+    if attribute_model is not None:  # on the dlib chip of the uploaded photo
+        rep["attributes"] = {k: v for k, v in attributes.evaluate(
+            attribute_model, clean["dlib"][0], photo_chips["dlib"]).summary().items()
+            if k != "per_face"}
     pics = {}
     if recon_iters:
         rcfg = reconstruction.ReconstructionConfig(iters=recon_iters)
         clean_feats = np.asarray(pmt.cut_features(rec, params, x, cfg.layers))
         for tag, f in (("pmt", feats), ("unprotected", clean_feats)):
             r = reconstruction.attack(rec, params, f, x, cfg.layers, rcfg)
-            rep[f"white_box_{tag}"] = {"ssim": float(np.mean(r.ssim)),
-                                       "psnr": float(np.mean(r.psnr)),
-                                       "cosine": float(np.mean(r.cosine)), "srra": r.srra}
+            rep[f"white_box_{tag}"] = _recon_report(r)
             pics[tag] = r.chips
+            if decoders is not None:
+                b = reconstruction.judge(rec, params, _blackbox(decoders, primary, f, index), x)
+                rep[f"black_box_{tag}"] = _recon_report(b)
+                pics[f"black_{tag}"] = b.chips
         noise = np.random.default_rng(0).random(x.shape).astype(np.float32)
         rep["random_noise_ssim"] = float(np.mean(np.asarray(losses.ssim(jnp.asarray(x),
                                                                          jnp.asarray(noise)))))
@@ -156,11 +238,41 @@ def evaluate(authorised: str, res: dict, ids, images, lms, clean, cfg, *, recon_
     return rep, pics
 
 
+def summary(report: dict) -> dict:
+    """Returns the headline figures of the default PMT (the issue's `summary`).
+
+    authorised: the lowest over the recognisers authorised in turn; unauthorised: the highest
+    of any unauthorised recogniser on the uploaded face (`_photo`: on the photo with its face
+    region replaced, context included); reconstruction_ssim: the highest of white- and black-box
+    on PMT features; reconstruction_ssim_unprotected: per recogniser the attacker's best
+    (white- or black-box) on unprotected features, the lowest over the recognisers.
+    """
+    single = [r for r in report["authorised"] if "," not in r["authorised"]]
+    auth = [v for r in single for k, v in r["accuracy"].items()
+            if k == f"authorised_{r['authorised']}"]
+    unauth = [v for r in report["authorised"] for k, v in r["accuracy"].items()
+              if k.startswith("unauthorised") and not k.endswith("_photo")]
+    unauth_photo = [v for r in report["authorised"] for k, v in r["accuracy"].items()
+                    if k.startswith("unauthorised") and k.endswith("_photo")]
+    attacks = ("white_box", "black_box")
+    recon = [r[f"{a}_pmt"]["ssim"] for r in single for a in attacks if f"{a}_pmt" in r]
+    unprot = [max(r[f"{a}_unprotected"]["ssim"] for a in attacks if f"{a}_unprotected" in r)
+              for r in single if "white_box_unprotected" in r]
+    dlib = next(r for r in single if r["authorised"] == "dlib")
+    return {"authorised_accuracy": min(auth), "unauthorised_accuracy": max(unauth),
+            "unauthorised_accuracy_photo": max(unauth_photo),
+            "reconstruction_ssim": max(recon) if recon else None,
+            "reconstruction_ssim_unprotected": min(unprot) if unprot else None,
+            "faces_per_second": dlib["faces_per_second"]}
+
+
 def write_grid(path: Path, pics: dict, ids, rows: int = 6) -> None:
     """Writes original / obfuscated / reconstructed (PMT) / reconstructed (unprotected)."""
-    cols = [k for k in ("original", "obfuscated", "pmt", "unprotected") if k in pics]
+    cols = [k for k in ("original", "obfuscated", "pmt", "black_pmt", "unprotected",
+                        "black_unprotected") if k in pics]
     titles = {"original": "original", "obfuscated": "obfuscated x~",
-              "pmt": "reconstructed\nfrom E_c(x~)", "unprotected": "reconstructed\nfrom E_c(x)"}
+              "pmt": "white-box\nfrom E_c(x~)", "unprotected": "white-box\nfrom E_c(x)",
+              "black_pmt": "black-box\nfrom E_c(x~)", "black_unprotected": "black-box\nfrom E_c(x)"}
     n = min(rows, len(ids))
     fig = Figure(figsize=(2.0 * len(cols), 2.0 * n), dpi=90, layout="constrained")
     axes = fig.subplots(n, len(cols), squeeze=False)
@@ -191,7 +303,7 @@ def write_up(path: Path, reports: list[dict]) -> None:
 
 
 def run(data: Path, *, iters=None, layers=2, max_faces=None, ablation_faces=8,
-        recon_iters=200) -> tuple[dict, dict]:
+        recon_iters=200, decoder_steps=None, blackbox=True) -> tuple[dict, dict]:
     """Returns (report, pictures of the dlib-authorised run)."""
     t0 = time.perf_counter()
     ids, images, lms = load_faces(data, max_faces)
@@ -204,15 +316,26 @@ def run(data: Path, *, iters=None, layers=2, max_faces=None, ablation_faces=8,
               "clean_verification": {m: data_abuse.verification(clean[m][1], ids,
                                                                 centre=centres[m])
                                      for m in MODELS},
+              "clean_verification_upload": {
+                  f"{m}_on_{chip}_chips": data_abuse.verification(np.concatenate(
+                      [recognise.embed_faces(c, lm[None], m)[0] for c, lm in zip(
+                          upload_canvases(clean[chip][0], images, lms, chip), lms)]),
+                      ids, centre=centres[m])
+                  for chip, m in (("dlib", "facenet"), ("facenet", "dlib"))},
               "authorised": []}
+    decoders = train_decoders(clean, ids, layers, decoder_steps) if blackbox else None
+    attribute_model = attribute_models.load()
+    report["attributes_clean"] = {k: v for k, v in attributes.evaluate(
+        attribute_model, clean["dlib"][0], clean["dlib"][0]).summary().items()
+        if k != "per_face"}
     pics_dlib = {}
+    common = {"centres": centres, "decoders": decoders, "attribute_model": attribute_model}
     for auth in AUTHORISED:
         _log(f"authorised {auth}: {len(ids)} faces")
         cfg = pmt.preset("enhanced", **over)
         res = run_pmt(images, lms, auth, cfg)
-        rep, pics = evaluate(auth, res, ids, images, lms, clean, cfg,
-                             recon_iters=recon_iters if auth != "dlib,facenet" else 0,
-                             centres=centres)
+        rep, pics = evaluate(auth, res, ids, lms, clean, cfg,
+                             recon_iters=recon_iters if auth != "dlib,facenet" else 0, **common)
         report["authorised"].append(rep)
         if auth == "dlib":
             pics_dlib = pics
@@ -223,12 +346,14 @@ def run(data: Path, *, iters=None, layers=2, max_faces=None, ablation_faces=8,
         cfg = pmt.preset(name, **over)
         res = run_pmt(images[:k], lms[:k], "dlib", cfg)
         sub = {m: (clean[m][0][:k], clean[m][1][:k]) for m in MODELS}
-        rep, _ = evaluate("dlib", res, ids[:k], images[:k], lms[:k], sub, cfg,
-                          recon_iters=recon_iters, centres=centres)
+        rep, _ = evaluate("dlib", res, ids[:k], lms[:k], sub, cfg, recon_iters=recon_iters,
+                          index=np.arange(k), **common)
         report["ablation"][name] = {key: rep[key] for key in (
-            "accuracy", "white_box_pmt", "lpips_obfuscated", "ssim_obfuscated")}
+            "accuracy", "white_box_pmt", "black_box_pmt", "lpips_obfuscated",
+            "ssim_obfuscated") if key in rep}
+    report["summary"] = summary(report)
     report["wall_seconds"] = round(time.perf_counter() - t0, 1)
-    return report, {"pics": pics_dlib, "ids": ids}
+    return {"summary": report.pop("summary")} | report, {"pics": pics_dlib, "ids": ids}
 
 
 def main(argv: list[str]) -> int:
@@ -245,7 +370,8 @@ def main(argv: list[str]) -> int:
         return 2
     report, extra = run(data, iters=FLAGS.iters, layers=FLAGS.layers,
                         max_faces=FLAGS.max_faces, ablation_faces=FLAGS.ablation_faces,
-                        recon_iters=FLAGS.recon_iters)
+                        recon_iters=FLAGS.recon_iters, decoder_steps=FLAGS.decoder_steps,
+                        blackbox=FLAGS.blackbox)
     print(json.dumps(report, indent=2, default=image_io._json_default))
     if FLAGS.json:
         image_io.write_json(FLAGS.json, report)

@@ -191,13 +191,16 @@ def veil_objective(
 def aggregate_layers(
     outputs: Mapping[Any, jax.Array] | Sequence[jax.Array],
     layers: Sequence[Any] | None = None,
+    window: int | None = None,
 ) -> jax.Array:
-    """Returns the concatenated global-average-pooled layer outputs [..., sum C_l].
+    """Returns the concatenated average-pooled layer outputs, flattened [..., n].
 
     Args:
       outputs: a dict of named layer outputs or a list of them, each [..., h, w, C_l].
       layers: the keys (dict) or indices (list) to aggregate, in order; None takes all, in
         the container's order.
+      window: None pools each map globally (n = sum C_l); k pools k x k cells with stride k
+        (rows and columns beyond the last whole cell dropped; 1 keeps the full map).
     """
     if layers is None:
         chosen = list(outputs.values()) if isinstance(outputs, Mapping) else list(outputs)
@@ -205,7 +208,19 @@ def aggregate_layers(
         chosen = [outputs[k] for k in layers]
     if not chosen:
         raise ValueError("no layers to aggregate")
-    return jnp.concatenate([jnp.mean(o, axis=(-3, -2)) for o in chosen], axis=-1)
+    if window is None:
+        return jnp.concatenate([jnp.mean(o, axis=(-3, -2)) for o in chosen], axis=-1)
+    return jnp.concatenate([_cell_means(o, window).reshape(*o.shape[:-3], -1) for o in chosen],
+                           axis=-1)
+
+
+def _cell_means(o: jax.Array, k: int) -> jax.Array:
+    """Returns [..., h // k, w // k, C]: the means of o's k x k cells."""
+    h, w, c = o.shape[-3:]
+    if k > min(h, w):
+        raise ValueError(f"pooling window {k} is larger than the {h} x {w} map")
+    o = o[..., : h // k * k, : w // k * k, :]
+    return jnp.mean(o.reshape(*o.shape[:-3], h // k, k, w // k, k, c), axis=(-4, -2))
 
 
 def pmt_objective(

@@ -17,14 +17,25 @@
     faceveil pmt IMAGES... --out DIR --authorised dlib[,facenet] [--layers L]
                    [--upload image|features] [--init noise|shuffle|blur]
                    [--augment noise|affine|mix|none] [--kernel gaussian|linear|none]
-                   [--kernel-size k] [--iters K] [--step s]
+                   [--kernel-size k] [--pool p] [--iters K] [--step s]
     faceveil demo [--out DIR]
     faceveil check --protected FILES_OR_DIR[,...] --references DIR [--model dlib,facenet]
                    [--png out.png] [--json out.json]
+    faceveil attack KIND --original DIR_OR_FILES --protected DIR_OR_FILES [--json out.json]
+                   KIND: data-abuse [--model dlib,facenet] [--kappa 0.2] [--references DIR]
+                         whitebox [--model dlib] [--layers 2] [--iters 200] [--png out.png]
+                         blackbox --decoder DIR [--train-faces DIR] [--iters 600] [--png]
+                         attributes
+                         up [--model dlib] [--sigmas 0,0.1,...] [--kappa 0.2] [--png out.png]
+                         recognise [--model dlib,facenet]   (photos)
+                   faceveil attack recognise --original clean.mp4 --protected cloaked.mp4
+                         [--references DIR] [--frames N] [--model dlib,facenet]
+                   (photo kinds: [--align original|detect])
 
 Every command exits 0 on success, 1 on a user error (bad input, missing weights) with a
 one-line message on stderr that names the file and the reason, and leaves inputs untouched.
 `check` exits 2 when a protected photo still matches the reference photos (not protected).
+`attack` reports numbers and exits 0 whatever they say (see engine/commands/attack_cli.py).
 """
 
 from __future__ import annotations
@@ -40,13 +51,34 @@ flags.DEFINE_bool("force", False, "fetch-weights: convert again even if the stor
 flags.DEFINE_string("input", None, "detect: image or video to read.")
 flags.DEFINE_string("output", None, "detect: annotated image (.png/.jpg) or video (.mp4).")
 flags.DEFINE_string("json", None, "detect: where to write boxes and landmarks as JSON; "
-                    "check: where to write the verdicts as JSON.")
+                    "check/attack: where to write the verdicts / measurements as JSON.")
 flags.DEFINE_string("model", "dlib", "compare/cloak-video: recogniser (dlib or facenet); "
                     "cloak/check: one or several, comma-separated (e.g. dlib,facenet: a cloak "
-                    "against both at once).")
-flags.DEFINE_list("protected", None, "check: protected photos and/or folders of them.")
-flags.DEFINE_string("references", None, "check: folder of your own clean reference photos.")
-flags.DEFINE_string("png", None, "check: where to write the distance chart (.png).")
+                    "against both at once); attack: the attacker's (data-abuse, recognise: "
+                    "several, default dlib,facenet) or the authorised recogniser (up, "
+                    "whitebox, blackbox: one).")
+flags.DEFINE_list("protected", None, "check/attack: protected photos and/or folders of them "
+                  "(attack: also PMT .features.npz files, or one cloaked video).")
+flags.DEFINE_string("references", None, "check: folder of your own clean reference photos; "
+                    "attack data-abuse/up: clean photos whose mean embedding centres the "
+                    "cosines (default: the originals); attack recognise on a video: labelled "
+                    "photos (identity folders) of the people in it.")
+flags.DEFINE_string("png", None, "check: where to write the distance chart (.png); attack up: "
+                    "the UP curve; attack whitebox/blackbox: the reconstructed faces.")
+flags.DEFINE_list("original", None, "attack: the clean originals (photos and/or folders, "
+                  "identities = parent folder names), or the clean video.")
+flags.DEFINE_float("kappa", 0.2, "attack data-abuse/up: the centred-cosine threshold of a "
+                   "match (PMT's Eq. 10).")
+flags.DEFINE_list("sigmas", None, "attack up: the LPIPS privacy thresholds of the curve "
+                  "(default 0, 0.05, ..., 0.8).")
+flags.DEFINE_string("decoder", None, "attack blackbox: folder of the trained decoder "
+                    "(decoder.npz; trained there when --train-faces is given and it has none).")
+flags.DEFINE_string("train-faces", None, "attack blackbox: folder of clean photos to train the "
+                    "decoder on (use faces other than the attacked ones).")
+flags.DEFINE_enum("align", "original", ["original", "detect"],
+                  "attack (photo kinds): cut the protected face with the original's landmarks "
+                  "(the same face frame: methods paste faces back in place) or with the "
+                  "attacker's own detection.")
 flags.DEFINE_string("out", None, "cloak/demo: output folder (demo default: out/demo).")
 flags.DEFINE_enum("mode", "mid", ["low", "mid", "high"], "cloak: visual budget and strength.")
 flags.DEFINE_string("target-pool", None, "cloak: folder of identity folders (targeted cloak).")
@@ -61,7 +93,8 @@ flags.DEFINE_enum("reuse", "affine", ["none", "copy", "affine"],
                   "cloak-video: warm start from the previous frame's cloak.")
 flags.DEFINE_string("report", None, "cloak-video: report JSON (PNGs are written beside it).")
 flags.DEFINE_integer("chunk", 16, "cloak-video: frames per compiled call.")
-flags.DEFINE_integer("frames", None, "cloak-video: cloak only the first N frames.")
+flags.DEFINE_integer("frames", None, "cloak-video: cloak only the first N frames; attack "
+                     "recognise: judge only the first N frames.")
 flags.DEFINE_integer("segment", None, "cloak-video: cut tracks into chains of this many frames "
                      "that run side by side (fills a GPU when there are few faces; each "
                      "segment's first face cold-starts).")
@@ -78,10 +111,12 @@ flags.DEFINE_enum("feature-set", "subspace", ["subspace", "hull"],
 flags.DEFINE_bool("block-variance", True, "veil make: the block-variance term (hides the face's "
                   "shape); --noblock-variance is the ablation.")
 flags.DEFINE_integer("iters", None, "veil make: MI-FGSM iterations (default 200); pmt: "
-                     "iterations (default 300).")
+                     "iterations (default 300); attack whitebox: reconstruction iterations "
+                     "(default 200); attack blackbox: decoder training steps (default 600).")
 flags.DEFINE_string("authorised", "dlib", "pmt: the recogniser(s) whose shallow part is shared "
                     "(dlib, facenet, or dlib,facenet for MR-PMT).")
-flags.DEFINE_integer("layers", 2, "pmt: the cut: stages 1..L are the shared shallow model.")
+flags.DEFINE_integer("layers", 2, "pmt: the cut: stages 1..L are the shared shallow model; "
+                     "attack whitebox/blackbox: the cut whose features are attacked.")
 flags.DEFINE_enum("upload", "image", ["image", "features"],
                   "pmt: write obfuscated faces and photos (image) or shallow features (.npz).")
 flags.DEFINE_enum("init", "noise", ["noise", "shuffle", "blur"], "pmt: the start of x~.")
@@ -90,6 +125,8 @@ flags.DEFINE_enum("augment", "mix", ["noise", "affine", "mix", "none"],
 flags.DEFINE_enum("kernel", "gaussian", ["gaussian", "linear", "none"],
                   "pmt: translation-invariant smoothing of the gradient.")
 flags.DEFINE_integer("kernel-size", 5, "pmt: smoothing kernel length.")
+flags.DEFINE_integer("pool", 4, "pmt: matched feature maps are averaged over cells of "
+                     "pool x pool (1: the full maps, which draw the face back into x~).")
 flags.DEFINE_float("step", None, "pmt: sign-step size (default 4/255, decaying to a tenth).")
 flags.DEFINE_bool("aggregate", True, "pmt: layer aggregation of stages 1..L (pooled).")
 flags.DEFINE_string("passphrase_env", "FACEVEIL_PASSPHRASE",
@@ -97,7 +134,7 @@ flags.DEFINE_string("passphrase_env", "FACEVEIL_PASSPHRASE",
 flags.DEFINE_string("passphrase_file", None, "veil: file whose first line is the passphrase.")
 
 COMMANDS = ("fetch-weights", "detect", "compare", "cloak", "cloak-video", "veil", "pmt",
-            "demo", "check")
+            "demo", "check", "attack")
 
 # `faceveil check`: some photo is not protected (distinct from 1, a user error).
 EXIT_NOT_PROTECTED = 2
@@ -204,6 +241,7 @@ def _cmd_veil(args):
 def _cmd_pmt(args):
     from faceveil.engine.commands import pmt_cli
     from faceveil.engine.methods import pmt
+    from faceveil.engine.pipeline import recognise
     from faceveil.models import registry
 
     if not FLAGS.out:
@@ -216,7 +254,7 @@ def _cmd_pmt(args):
         raise UserError(f"--authorised={FLAGS.authorised}: {e.args[0]}") from None
     overrides = {"layers": FLAGS.layers, "init": FLAGS.init, "augment": FLAGS.augment,
                  "kernel": FLAGS.kernel, "kernel_size": FLAGS["kernel-size"].value,
-                 "aggregate": FLAGS.aggregate}
+                 "aggregate": FLAGS.aggregate, "pool": FLAGS.pool}
     if FLAGS.iters is not None:
         overrides["iters"] = FLAGS.iters
     if FLAGS.step is not None:
@@ -224,8 +262,10 @@ def _cmd_pmt(args):
     try:
         config = pmt.PmtConfig(**overrides)
         pmt.check_layers(rec, config.layers)
+        pmt.check_pool(rec, recognise.recogniser_params(FLAGS.authorised)[1], config.layers,
+                       config.pool)
     except ValueError as e:
-        raise UserError(f"--layers/--iters/--kernel-size: {e}") from None
+        raise UserError(f"--layers/--iters/--kernel-size/--pool: {e}") from None
     pmt_cli.run(args, FLAGS.out, authorised=FLAGS.authorised, config=config,
                 upload=FLAGS.upload, overwrite=FLAGS.overwrite)
 
@@ -275,6 +315,49 @@ def _cmd_check(args):
     return 0 if result.protected else EXIT_NOT_PROTECTED
 
 
+def _cmd_attack(args):
+    from faceveil.engine.commands import attack_cli
+    from faceveil.models import registry
+
+    if len(args) != 1 or args[0] not in attack_cli.KINDS:
+        raise UserError(f"attack needs one kind: faceveil attack {'|'.join(attack_cli.KINDS)} "
+                        f"--original ... --protected ... (got {args or 'none'})")
+    kind = args[0]
+    if not FLAGS.original or not FLAGS.protected:
+        raise UserError(f"attack {kind} needs --original (clean photos or video) and "
+                        "--protected (the protected files)")
+    default = "dlib,facenet" if kind in ("data-abuse", "recognise") else "dlib"
+    models = list(dict.fromkeys(m.strip() for m in (
+        FLAGS.model if FLAGS["model"].present else default).split(",") if m.strip()))
+    for m in models:
+        try:
+            registry.members(registry.get(m))
+        except (KeyError, ValueError) as e:
+            raise UserError(f"--model: {e.args[0]}") from None
+    if not models:
+        raise UserError("--model: no recogniser given")
+    if kind in ("whitebox", "blackbox", "up") and len(models) != 1:
+        raise UserError(f"--model={','.join(models)}: attack {kind} takes one recogniser")
+    if kind in ("whitebox", "blackbox"):
+        try:
+            registry.get(models[0]).check_cut(FLAGS.layers)
+        except ValueError as e:
+            raise UserError(f"--layers: {e}") from None
+    if FLAGS.iters is not None and FLAGS.iters < 1:
+        raise UserError(f"--iters must be at least 1, got {FLAGS.iters}")
+    try:
+        sigmas = None if FLAGS.sigmas is None else tuple(float(s) for s in FLAGS.sigmas)
+    except ValueError:
+        raise UserError(f"--sigmas: numbers, comma-separated (got {FLAGS.sigmas})") from None
+    opts = attack_cli.AttackOptions(
+        original=tuple(FLAGS.original), protected=tuple(FLAGS.protected), models=tuple(models),
+        layers=FLAGS.layers, iters=FLAGS.iters, kappa=FLAGS.kappa, sigmas=sigmas,
+        decoder=FLAGS.decoder, train_faces=FLAGS["train-faces"].value,
+        references=FLAGS.references, align=FLAGS.align, frames=FLAGS.frames,
+        json_path=FLAGS.json, png_path=FLAGS.png, overwrite=FLAGS.overwrite)
+    attack_cli.run(kind, opts)
+
+
 _HANDLERS = {
     "fetch-weights": _cmd_fetch_weights,
     "detect": _cmd_detect,
@@ -285,6 +368,7 @@ _HANDLERS = {
     "pmt": _cmd_pmt,
     "demo": _cmd_demo,
     "check": _cmd_check,
+    "attack": _cmd_attack,
 }
 
 

@@ -6,10 +6,14 @@ that E_c sees it as the original chip x:
 
     x~_0 = uniform noise | a random pixel shuffle of x | x under a heavy blur   (`init`)
     repeat iters times:
-        J  = sum_m  mean (E_m(T(x~)) - E_m(T(x)))^2                    the cut's full output
-              (+ sum_m sum_l<=L mean (pool E_m,l(T(x~)) - pool E_m,l(T(x)))^2   `aggregate`)
+        J  = sum_m  mean (agg E_m(T(x~)) - agg E_m(T(x)))^2
         x~ <- clip(x~ - step_k * sign(W (*) grad J))                   (W: `kernel`, TI)
 
+agg (`losses.aggregate_layers`) concatenates the outputs of stages 1..L (`aggregate`; the cut's
+output alone without it), each average-pooled over cells of `pool` x `pool`. Pooling is what
+keeps the face out of x~: matching the full-resolution maps draws the face's own structure
+back into x~, which an unauthorised recogniser then identifies; cell means leave the service's
+deeper layers what they need for the identity while fine structure stays free.
 T is one random augmentation per iteration (`augment`: noise, a small affine, both) drawn once
 and applied to both sides; step_k decays linearly from `step` to `step / 10`. MR-PMT: with a
 `registry.Ensemble` every member's term is summed, each member seeing x~ through its own chip
@@ -51,7 +55,8 @@ class PmtConfig:
     augment: str = "mix"
     kernel: str = "gaussian"
     kernel_size: int = 5
-    aggregate: bool = True  # layer aggregation of the pooled outputs of stages 1..layers
+    aggregate: bool = True  # layer aggregation: match stages 1..layers, not the cut alone
+    pool: int = 4  # average pooling (cells of pool x pool) of every matched map
     iters: int = 300
     step: float = 4.0 / 255.0
     noise_sigma: float = 0.02  # augmentation noise (image units)
@@ -64,17 +69,19 @@ class PmtConfig:
                                      ("kernel", self.kernel, KERNELS)):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-        if self.iters < 1 or self.layers < 1 or self.kernel_size < 1:
-            raise ValueError("iters, layers and kernel_size must be at least 1")
+        if min(self.iters, self.layers, self.kernel_size, self.pool) < 1:
+            raise ValueError("iters, layers, kernel_size and pool must be at least 1")
 
 
+# Basic PMT matches the cut's full output map (pool 1): pooling belongs to the aggregation
+# enhancement ("layer aggregation of average-pooled layers").
 PRESETS = {
-    "basic": {"augment": "none", "aggregate": False, "kernel": "none"},
+    "basic": {"augment": "none", "aggregate": False, "pool": 1, "kernel": "none"},
     "enhanced": {},
     # Table X of the paper: each enhancement alone.
-    "augment_only": {"aggregate": False, "kernel": "none"},
+    "augment_only": {"aggregate": False, "pool": 1, "kernel": "none"},
     "aggregate_only": {"augment": "none", "kernel": "none"},
-    "kernel_only": {"augment": "none", "aggregate": False},
+    "kernel_only": {"augment": "none", "aggregate": False, "pool": 1},
 }
 
 
@@ -89,6 +96,18 @@ def check_layers(recogniser, layers: int) -> None:
     """Raises ValueError (naming the valid range) when a member cannot be cut at `layers`."""
     for rec in registry.members(recogniser):
         rec.check_cut(layers)
+
+
+def check_pool(recogniser, params, layers: int, pool: int) -> None:
+    """Raises ValueError (naming the stage) when `pool` exceeds a matched stage's map."""
+    members = registry.members(recogniser)
+    for rec, p in zip(members, tuple(params) if len(members) > 1 else (params,)):
+        chips = jax.ShapeDtypeStruct((1, rec.chip_size, rec.chip_size, 3), jnp.float32)
+        maps = jax.eval_shape(lambda c, rec=rec, p=p: rec.shallow(p, c, layers), chips)
+        for name, m in zip(rec.stages, maps):
+            if pool > min(m.shape[1:3]):
+                raise ValueError(f"pool {pool} is larger than {rec.name}'s {name} map "
+                                 f"({m.shape[1]} x {m.shape[2]}) at layers {layers}")
 
 
 class PmtMetrics(NamedTuple):
@@ -135,9 +154,9 @@ def _objective(recs, cfg: PmtConfig, params, views, x_tilde, originals, key):
         t = _augment(cfg, jax.random.fold_in(key, r), rec.chip_size)
         a = rec.shallow(p, t(view(x_tilde))[None], cfg.layers)
         b = jax.lax.stop_gradient(rec.shallow(p, t(orig)[None], cfg.layers))
-        total = total + jnp.mean((a[-1] - b[-1]) ** 2)
-        if cfg.aggregate:
-            total = total + jnp.mean((losses.aggregate_layers(a) - losses.aggregate_layers(b)) ** 2)
+        chosen = None if cfg.aggregate else [len(a) - 1]
+        total = total + jnp.mean((losses.aggregate_layers(a, chosen, cfg.pool)
+                                  - losses.aggregate_layers(b, chosen, cfg.pool)) ** 2)
     return total
 
 

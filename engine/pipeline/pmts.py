@@ -50,6 +50,7 @@ def pmt_images(images: list[np.ndarray], *, authorised: str = "dlib",
     cfg = config or pmt.PmtConfig()
     rec, params = recognise.recogniser_params(authorised)
     method = pmt.PmtMethod(rec, cfg)
+    pmt.check_pool(rec, params, cfg.layers, cfg.pool)
     res = photos.protect_photos(images, method, params, key=jax.random.PRNGKey(seed),
                                 min_face=min_face, names=names, show_progress=show_progress,
                                 lanes=256)

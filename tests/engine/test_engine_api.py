@@ -99,6 +99,6 @@ def test_data_flows_one_way_between_folders():
         deps = _imports(path)
         if rel.parts[0] != "commands":
             assert not [d for d in deps if ".commands" in d], (rel, deps)
-        if rel.parts[0] != "attacks":
+        if rel.parts[0] not in ("attacks", "commands"):  # `faceveil attack` runs the attacks
             assert not [d for d in deps if ".attacks" in d], (rel, deps)
     assert not [d for d in _imports(ENGINE / "methods" / "base.py") if ".pipeline" in d]

@@ -147,7 +147,8 @@ def test_basic_and_enhanced_presets_run(solve):
 
 
 def test_config_and_cut_are_checked(dlib):
-    for bad in ({"init": "zeros"}, {"augment": "flip"}, {"kernel": "box"}, {"iters": 0}):
+    for bad in ({"init": "zeros"}, {"augment": "flip"}, {"kernel": "box"}, {"iters": 0},
+                {"pool": 0}):
         with pytest.raises(ValueError):
             pmt.PmtConfig(**bad)
     with pytest.raises(ValueError):
@@ -222,6 +223,8 @@ def test_cli_feature_upload(tmp_path, data_dir):
 @pytest.mark.parametrize("flag, value, words", [
     ("--layers", 9, ("--layers", "1..6")),
     ("--authorised", "nosuchnet", ("--authorised", "nosuchnet")),
+    ("--pool", 500, ("--pool", "pool 500 is larger than dlib's")),
+    ("--pool", 0, ("--pool", "at least 1")),
 ])
 def test_cli_refuses_bad_settings(tmp_path, data_dir, flag, value, words):
     out = tmp_path / "out"

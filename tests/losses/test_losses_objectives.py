@@ -375,3 +375,17 @@ def test_template_ridge_loss_jit_vmap_no_recompile():
     out = batched(preds, targets)
     assert out.shape == (3,)
     np.testing.assert_allclose(out[2], loss_fn(params, preds[2], targets[2])[0], rtol=1e-5)
+
+
+def test_aggregate_layers_window_pools_cells():
+    a = jnp.arange(2 * 5 * 5 * 3, dtype=jnp.float32).reshape(2, 5, 5, 3)
+    b = jnp.ones((2, 2, 2, 4))
+    got = aggregate_layers([a, b], window=2)
+    # a: the 2 x 2 cells of the top-left 4 x 4 (the fifth row and column dropped).
+    want = np.asarray(a)[:, :4, :4].reshape(2, 2, 2, 2, 2, 3).mean(axis=(2, 4)).reshape(2, -1)
+    np.testing.assert_allclose(got[:, :12], want, rtol=1e-6)
+    np.testing.assert_allclose(got[:, 12:], np.ones((2, 4)))
+    np.testing.assert_allclose(aggregate_layers([a], window=1), np.asarray(a).reshape(2, -1))
+    np.testing.assert_allclose(aggregate_layers([a]), np.asarray(a).mean(axis=(1, 2)), rtol=1e-6)
+    with pytest.raises(ValueError, match="larger than"):
+        aggregate_layers([b], window=3)
