@@ -6,6 +6,7 @@ The curated surface (what a user imports; `tests/engine/test_engine_api.py` pins
     from faceveil.engine import protect_photos, protect_video  # any method on the pipeline
     from faceveil.engine import make_veil, Veil, veil_images, recover_images   # person veils
     from faceveil.engine import veil_video, recover_video, veil_files, recover_files
+    from faceveil.engine import mask_images, restore_mask, MaskConfig     # mask templates
     from faceveil.engine import detect, image_io, video_io, recognise, faces, protection
 
 Folders: `pipeline/` (decode, detect, track, plan chips, batch, paste back, encode; the photo
@@ -18,9 +19,12 @@ from faceveil.engine.attacks import protection
 from faceveil.engine.methods import base, cloak
 from faceveil.engine.methods.base import FaceFrame, FaceOutput, Method
 from faceveil.engine.methods.cloak import CloakConfig, CloakMethod
+from faceveil.engine.methods.mask import MaskConfig, MaskMethod
 from faceveil.engine.methods.veil import VeilConfig, VeilMethod
 from faceveil.engine.pipeline import align, detect, faces, image_io, recognise, track, video_io
 from faceveil.engine.pipeline.image_io import InputError
+from faceveil.engine.pipeline.masks import MaskResult, mask_images
+from faceveil.engine.pipeline.masks import restore as restore_mask
 from faceveil.engine.pipeline.photos import FaceRecords, PhotoResult, cloak_images, protect_photos
 from faceveil.engine.pipeline.photos import summary as photo_summary
 from faceveil.engine.pipeline.veil_files import recover_files, veil_files
@@ -42,6 +46,9 @@ __all__ = [
     "FaceOutput",
     "FaceRecords",
     "InputError",
+    "MaskConfig",
+    "MaskMethod",
+    "MaskResult",
     "Method",
     "PhotoResult",
     "Veil",
@@ -59,6 +66,7 @@ __all__ = [
     "image_io",
     "keyfile",
     "make_veil",
+    "mask_images",
     "photo_summary",
     "protect_photos",
     "protect_video",
@@ -67,6 +75,7 @@ __all__ = [
     "recover_files",
     "recover_images",
     "recover_video",
+    "restore_mask",
     "track",
     "veil_files",
     "veil_images",

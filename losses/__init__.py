@@ -7,8 +7,9 @@ Networks enter only as functions passed in.
 
 Modules: `perceptual` (SSIM, DSSIM, PSNR), `distances` (Minkowski, cosine, subspace and hull
 distances), `regularisers` (block variance, total variation, budget hinge), `objectives`
-(cloak, veil, PMT, template ridge loss), `transforms` (MI-FGSM, sign, TI smoothing as optax
-transforms), `metrics` (MSR, PMT accuracy, r_s, UP).
+(cloak, veil, PMT, template ridge loss), `masks` (sensitivity maps, low-bit XOR, the mask-key
+objective), `transforms` (MI-FGSM, sign, TI smoothing as optax transforms), `metrics` (MSR,
+PMT accuracy, r_s, UP).
 """
 
 from faceveil.losses.distances import (
@@ -19,6 +20,12 @@ from faceveil.losses.distances import (
     safe_norm,
     subspace_distance,
     subspace_projection,
+)
+from faceveil.losses.masks import (
+    mask_objective,
+    sensitivity_map,
+    straight_through_bits,
+    xor_low_bits,
 )
 from faceveil.losses.metrics import (
     match_success,
@@ -63,6 +70,7 @@ __all__ = [
     "dssim",
     "hull_distance",
     "hull_projection",
+    "mask_objective",
     "match_success",
     "mi_fgsm",
     "minkowski",
@@ -73,10 +81,12 @@ __all__ = [
     "r_s",
     "ridge_penalty",
     "safe_norm",
+    "sensitivity_map",
     "sign",
     "smooth",
     "smoothing_kernel",
     "ssim",
+    "straight_through_bits",
     "subspace_distance",
     "subspace_projection",
     "template_ridge_loss",
@@ -85,4 +95,5 @@ __all__ = [
     "up_success",
     "veil_objective",
     "verification_correct",
+    "xor_low_bits",
 ]

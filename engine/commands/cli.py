@@ -14,6 +14,10 @@
     faceveil veil recover INPUTS... --key alice.veil --out DIR
                    (passphrase: --passphrase_file F, the variable named by --passphrase_env
                    [FACEVEIL_PASSPHRASE], or a prompt; never on the command line)
+    faceveil mask protect IMAGES... --out DIR --keys DIR --per-image [--bits b]
+                   [--recognisers dlib,facenet] [--iters N]
+    faceveil mask restore IMAGES... --keys DIR --out DIR
+                   (PNG outputs only; passphrase as for veil)
     faceveil pmt IMAGES... --out DIR --authorised dlib[,facenet] [--layers L]
                    [--upload image|features] [--init noise|shuffle|blur]
                    [--augment noise|affine|mix|none] [--kernel gaussian|linear|none]
@@ -110,7 +114,8 @@ flags.DEFINE_enum("feature-set", "subspace", ["subspace", "hull"],
                   "convex hull of the person's features.")
 flags.DEFINE_bool("block-variance", True, "veil make: the block-variance term (hides the face's "
                   "shape); --noblock-variance is the ablation.")
-flags.DEFINE_integer("iters", None, "veil make: MI-FGSM iterations (default 200); pmt: "
+flags.DEFINE_integer("iters", None, "veil make: MI-FGSM iterations (default 200); mask "
+                     "protect: Adam steps on each key (default 60); pmt: "
                      "iterations (default 300); attack whitebox: reconstruction iterations "
                      "(default 200); attack blackbox: decoder training steps (default 600).")
 flags.DEFINE_string("authorised", "dlib", "pmt: the recogniser(s) whose shallow part is shared "
@@ -129,11 +134,18 @@ flags.DEFINE_integer("pool", 4, "pmt: matched feature maps are averaged over cel
                      "pool x pool (1: the full maps, which draw the face back into x~).")
 flags.DEFINE_float("step", None, "pmt: sign-step size (default 4/255, decaying to a tenth).")
 flags.DEFINE_bool("aggregate", True, "pmt: layer aggregation of stages 1..L (pooled).")
+flags.DEFINE_string("keys", None, "mask: folder of the encrypted per-photo keys "
+                    "(<stem>.mask.key).")
+flags.DEFINE_bool("per-image", True, "mask protect: optimise each photo's key directly against "
+                  "the recognisers (no trained generator; the only mode so far).")
+flags.DEFINE_integer("bits", 4, "mask protect: low-order bits per pixel the key flips (1..4).")
+flags.DEFINE_string("recognisers", "dlib", "mask protect: recogniser(s) the key works against "
+                    "(dlib, facenet, or dlib,facenet: their templates superpose).")
 flags.DEFINE_string("passphrase_env", "FACEVEIL_PASSPHRASE",
-                    "veil: environment variable holding the key's passphrase.")
-flags.DEFINE_string("passphrase_file", None, "veil: file whose first line is the passphrase.")
+                    "veil/mask: environment variable holding the key's passphrase.")
+flags.DEFINE_string("passphrase_file", None, "veil/mask: file whose first line is the passphrase.")
 
-COMMANDS = ("fetch-weights", "detect", "compare", "cloak", "cloak-video", "veil", "pmt",
+COMMANDS = ("fetch-weights", "detect", "compare", "cloak", "cloak-video", "veil", "mask", "pmt",
             "demo", "check", "attack")
 
 # `faceveil check`: some photo is not protected (distinct from 1, a user error).
@@ -236,6 +248,45 @@ def _cmd_veil(args):
     model = FLAGS.model if FLAGS["model"].present else None
     getattr(veil_cli, action)(rest, FLAGS.out, key=FLAGS.key, model=model,
                               overwrite=FLAGS.overwrite, **secret)
+
+
+def _cmd_mask(args):
+    from faceveil.engine.commands import mask_cli
+    from faceveil.engine.methods import mask
+    from faceveil.models import registry
+
+    actions = ("protect", "restore")
+    if not args or args[0] not in actions:
+        raise UserError(f"mask needs an action: faceveil mask {'|'.join(actions)} ...")
+    action, rest = args[0], args[1:]
+    if not FLAGS.out or not FLAGS.keys:
+        raise UserError(f"mask {action} needs --out DIR and --keys DIR")
+    if not rest:
+        raise UserError(f"mask {action} needs photos: faceveil mask {action} IMAGES... "
+                        "--out DIR --keys DIR")
+    secret = {"passphrase_env": FLAGS.passphrase_env, "passphrase_file": FLAGS.passphrase_file,
+              "overwrite": FLAGS.overwrite}
+    if action == "restore":
+        mask_cli.restore(rest, FLAGS.keys, FLAGS.out, **secret)
+        return
+    if not FLAGS["per-image"].value:
+        raise UserError("mask protect: only --per-image is available (a trained generator, "
+                        "--model, is not implemented yet)")
+    try:
+        registry.members(registry.get(FLAGS.recognisers))
+    except (KeyError, ValueError) as e:
+        raise UserError(f"--recognisers: {e.args[0]}") from None
+    overrides = {"bits": FLAGS.bits}
+    if FLAGS.iters is not None:
+        overrides["iters"] = FLAGS.iters
+    try:
+        # Fewer bits come with their preset's tighter visual budget (mask.PRESETS).
+        name = f"b{FLAGS.bits}" if f"b{FLAGS.bits}" in mask.PRESETS else "default"
+        config = mask.preset(name, **overrides)
+    except ValueError as e:
+        raise UserError(f"--bits/--iters: {e}") from None
+    mask_cli.protect(rest, FLAGS.out, FLAGS.keys, recognisers=FLAGS.recognisers, config=config,
+                     **secret)
 
 
 def _cmd_pmt(args):
@@ -365,6 +416,7 @@ _HANDLERS = {
     "cloak": _cmd_cloak,
     "cloak-video": _cmd_cloak_video,
     "veil": _cmd_veil,
+    "mask": _cmd_mask,
     "pmt": _cmd_pmt,
     "demo": _cmd_demo,
     "check": _cmd_check,

@@ -314,12 +314,27 @@ def crop_patches(frames: np.ndarray, offsets: np.ndarray, size: int) -> np.ndarr
 
 
 def paste_patches(frames: np.ndarray, clean: np.ndarray, protected: np.ndarray,
-                  offsets: np.ndarray, present: np.ndarray) -> np.ndarray:
+                  offsets: np.ndarray, present: np.ndarray, *,
+                  combine: str = "add") -> np.ndarray:
     """Returns uint8 frames with each present face's change (protected - clean) added in place.
 
     Adding the difference rather than writing the patch keeps every face's change where two
-    patches overlap (one face's margin over another face).
+    patches overlap (one face's margin over another face). `combine="xor"` XORs each face's
+    change (protected ^ clean, a key) into the frame instead: keys of overlapping faces then
+    compose into one key, and frame ^ key restores the frame bit for bit (mask templates).
     """
+    if combine == "xor":
+        out = np.array(frames, np.uint8, copy=True)
+        h, w = out.shape[1:3]
+        size = clean.shape[1]
+        keys = np.asarray(protected, np.uint8) ^ np.asarray(clean, np.uint8)
+        for i, (x, y) in enumerate(np.asarray(offsets)):
+            x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + size, w), min(y + size, h)
+            if present[i] and x1 > x0 and y1 > y0:
+                out[i, y0:y1, x0:x1] ^= keys[i, y0 - y:y1 - y, x0 - x:x1 - x]
+        return out
+    if combine != "add":
+        raise ValueError(f"combine must be 'add' or 'xor', got {combine!r}")
     out = np.asarray(frames).astype(np.int16)
     h, w = out.shape[1:3]
     size = clean.shape[1]

@@ -164,6 +164,9 @@ def protect_photos(images: list[np.ndarray], method: base.Method, params, *, key
                                                        size=side)
              for j, (p, side) in enumerate(zip(plans, sides))]
     sizes = sorted(set(sides))
+    # How a face's change enters its photo: added (every method so far), or XORed (a mask key,
+    # so that overlapping faces' keys compose and the photo stays restorable bit for bit).
+    combine = getattr(method, "combine", "add")
     t_solve = 0.0
     for g, size in enumerate(sizes):
         group = [j for j in range(n) if plans[j].size == size]
@@ -197,7 +200,7 @@ def protect_photos(images: list[np.ndarray], method: base.Method, params, *, key
         for k, j in enumerate(group):
             out[idx[j]] = faces.paste_patches(out[idx[j]][None], patches[k:k + 1],
                                               res.protected[k:k + 1], plans[j].offsets,
-                                              np.ones(1, bool))[0]
+                                              np.ones(1, bool), combine=combine)[0]
             iters[j] = res.iters[k]
         for name, v in res.metrics._asdict().items():
             if name not in metrics:
