@@ -82,6 +82,23 @@ def test_key_packs_and_unpacks_exactly(bits):
         masks.pack_key(np.full((2, 2, 3), 1 << bits, np.uint8), bits)
 
 
+def test_xor_paste_composes_overlapping_keys_and_clips_at_the_border():
+    rng = np.random.default_rng(3)
+    frame = rng.integers(0, 256, (1, 20, 24, 3), dtype=np.uint8)
+    offsets = np.array([[-3, 2], [5, 6]])  # the first patch leaves the frame, the two overlap
+    clean = np.stack([faces.crop_patches(frame, offsets[i:i + 1], 12)[0] for i in range(2)])
+    keys = rng.integers(0, 16, clean.shape, dtype=np.uint8)
+    out = frame
+    for i in range(2):
+        out = faces.paste_patches(out, clean[i:i + 1], clean[i:i + 1] ^ keys[i:i + 1],
+                                  offsets[i:i + 1], np.ones(1, bool), combine="xor")
+    photo_key = out[0] ^ frame[0]
+    assert photo_key.max() < 16 and photo_key.any()
+    np.testing.assert_array_equal(out[0] ^ photo_key, frame[0])
+    # Where both patches lie, the photo's key is the XOR of the two faces' keys.
+    np.testing.assert_array_equal(photo_key[6:14, 5:9], keys[0, 4:12, 8:12] ^ keys[1, 0:8, 0:4])
+
+
 # ----------------------------------------------------------------------------------------------
 # Photos through the pipeline, b = 1..4
 
