@@ -191,6 +191,7 @@ def veil_objective(
 def aggregate_layers(
     outputs: Mapping[Any, jax.Array] | Sequence[jax.Array],
     layers: Sequence[Any] | None = None,
+    *,
     window: int | None = None,
 ) -> jax.Array:
     """Returns the concatenated average-pooled layer outputs, flattened [..., n].

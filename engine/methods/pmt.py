@@ -155,8 +155,8 @@ def _objective(recs, cfg: PmtConfig, params, views, x_tilde, originals, key):
         a = rec.shallow(p, t(view(x_tilde))[None], cfg.layers)
         b = jax.lax.stop_gradient(rec.shallow(p, t(orig)[None], cfg.layers))
         chosen = None if cfg.aggregate else [len(a) - 1]
-        total = total + jnp.mean((losses.aggregate_layers(a, chosen, cfg.pool)
-                                  - losses.aggregate_layers(b, chosen, cfg.pool)) ** 2)
+        total = total + jnp.mean((losses.aggregate_layers(a, chosen, window=cfg.pool)
+                                  - losses.aggregate_layers(b, chosen, window=cfg.pool)) ** 2)
     return total
 
 
