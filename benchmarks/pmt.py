@@ -58,7 +58,6 @@ MODELS = ("dlib", "facenet")
 AUTHORISED = ("dlib", "facenet", "dlib,facenet")
 ABLATION = ("basic", "augment_only", "aggregate_only", "kernel_only", "enhanced")
 SIGMAS = tuple(np.round(np.linspace(0.0, 1.0, 21), 3))
-PATCH = 256
 FLAGS = flags.FLAGS
 
 
@@ -96,8 +95,11 @@ def load_faces(data: Path, max_faces: int | None):
 def run_pmt(images, lms, authorised: str, cfg: pmt.PmtConfig) -> dict:
     """Returns {x~ chips, protected patches, plans, seconds} of one compiled PMT call."""
     rec, params = recognise.recogniser_params(authorised)
-    plans = [faces.plan_faces(lm[None], np.ones(1, bool), rec, size=PATCH) for lm in lms]
-    patches = np.stack([faces.crop_patches(img[None], p.offsets, PATCH)[0]
+    # One patch side for all faces (one compiled call): the largest any face needs, so no
+    # chip samples past its patch edge (a clipped chip would make PMT match a black border).
+    side = max(faces.plan_faces(lm[None], np.ones(1, bool), rec).size for lm in lms)
+    plans = [faces.plan_faces(lm[None], np.ones(1, bool), rec, size=side) for lm in lms]
+    patches = np.stack([faces.crop_patches(img[None], p.offsets, side)[0]
                         for img, p in zip(images, plans)])
     m = np.stack([p.m_chip[0] for p in plans])
     method = pmt.PmtMethod(rec, cfg)
