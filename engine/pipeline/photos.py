@@ -114,6 +114,14 @@ def summary(result: PhotoResult) -> dict:
     return out
 
 
+def _per_face(a: np.ndarray) -> np.ndarray:
+    """Returns an object array [N] holding each row of `a` as its own array."""
+    out = np.empty(len(a), object)
+    for i, row in enumerate(a):
+        out[i] = row
+    return out
+
+
 def protect_photos(images: list[np.ndarray], method: base.Method, params, *, key,
                    targets: Callable[[list[np.ndarray], np.ndarray, np.ndarray],
                                      tuple[np.ndarray, list]] | None = None,
@@ -205,7 +213,15 @@ def protect_photos(images: list[np.ndarray], method: base.Method, params, *, key
         for name, v in res.metrics._asdict().items():
             if name not in metrics:
                 metrics[name] = np.full((n,) + v.shape[1:], np.nan, np.float32)
-            metrics[name][group] = v[:len(group)]
+            elif metrics[name].dtype != object and metrics[name].shape[1:] != v.shape[1:]:
+                # A per-pixel metric (a mask template) has each patch size's shape: the
+                # faces then keep one array each.
+                metrics[name] = _per_face(metrics[name])
+            if metrics[name].dtype == object:
+                for k, j in enumerate(group):
+                    metrics[name][j] = v[k]
+            else:
+                metrics[name][group] = v[:len(group)]
     # The protection each recogniser sees in the written photo, through its own alignment path.
     # The face-region LPIPS of the report: the primary recogniser's aligned chips.
     recs = registry.members(rec)

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
 from faceveil import losses
 from faceveil.engine import keyfile
@@ -293,3 +294,19 @@ def test_cli_restore_and_its_errors(protected_files):
     bits = _faceveil("mask", "protect", outs[0], "--keys", tmp / "k", "--out", tmp / "o",
                      "--bits", "5", FACEVEIL_PASSPHRASE=PASS)
     assert bits.returncode == 1 and "bits must be in 1..4" in bits.stderr
+
+
+def test_faces_of_two_patch_sizes_keep_their_own_templates(data_dir):
+    # Four faces of each size: groups that small-group merging keeps apart, so the per-pixel
+    # template metric has two shapes in one call.
+    small = image_io.read_image(data_dir / PHOTOS[1])
+    big = np.asarray(Image.fromarray(small).resize((small.shape[1] * 2, small.shape[0] * 2)))
+    images = [big] * 4 + [small] * 4
+    found = [faces.find_photo_faces(big)] * 4 + [faces.find_photo_faces(small)] * 4
+    res = masks.mask_images(images, config=mask.preset("quick", bits=2, iters=2), found=found,
+                            show_progress=False)
+    tmpl = res.photos.faces.metrics["template"]
+    assert len(tmpl) == 8
+    assert len({t.shape for t in tmpl}) == 2, [t.shape for t in tmpl]
+    for img, prot, key in zip(images, res.images, res.keys):
+        np.testing.assert_array_equal(masks.restore(prot, key), img)
