@@ -68,6 +68,38 @@ class Method(Protocol):
     def step(self, params, target, state, face: FaceFrame) -> tuple[Any, FaceOutput]: ...
 
 
+class PerFaceMethod:
+    """Shared parts of a method whose chain state is a PRNG key and that takes no target.
+
+    Each face is solved on its own (PMT, mask keys): the state only carries the key every face
+    draws from. Subclasses are frozen dataclasses with eq=False and fields `recogniser`,
+    `config` and `name`; equal cache keys mean the same compiled code.
+    """
+
+    def cache_key(self) -> tuple:
+        """Returns what identifies this method's compiled code."""
+        from faceveil.models import registry
+
+        return (self.name, self.config) + tuple(
+            (r.name, r.chip_size, float(r.aspect)) for r in registry.members(self.recogniser))
+
+    def __hash__(self):
+        return hash(self.cache_key())
+
+    def __eq__(self, other):
+        return type(other) is type(self) and self.cache_key() == other.cache_key()
+
+    def init_state(self, params, key, patch_size: int) -> jax.Array:
+        """Returns the chain state: its PRNG key (every face draws from it)."""
+        del params, patch_size
+        return jnp.asarray(key)
+
+    def target_spec(self, params, patch_size: int) -> jax.ShapeDtypeStruct:
+        """Returns the (unused) per-chain target."""
+        del params, patch_size
+        return jax.ShapeDtypeStruct((), jnp.float32)
+
+
 def _chunk(method: Method, params, frames: FaceFrame, carry, target):
     def chain(frames_one, carry_one, target_one):
         step = functools.partial(method.step, params, target_one)

@@ -237,7 +237,7 @@ def evaluate(recogniser, params, patch, protected, m_chip, tmpl, key_u8, bits: i
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class MaskMethod:
+class MaskMethod(base.PerFaceMethod):
     """The per-image mask key as a method of `faceveil.engine.methods.base`: params are the
     recogniser's (a tuple per member for an `Ensemble`, whose templates superpose)."""
 
@@ -245,27 +245,6 @@ class MaskMethod:
     config: MaskConfig = MaskConfig()
     name: str = "mask"
     combine: str = "xor"  # the pipeline XORs each face's change into the photo (photos.py)
-
-    def cache_key(self) -> tuple:
-        """Returns what identifies this method's compiled code."""
-        return (self.name, self.config) + tuple(
-            (r.name, r.chip_size, float(r.aspect)) for r in registry.members(self.recogniser))
-
-    def __hash__(self):
-        return hash(self.cache_key())
-
-    def __eq__(self, other):
-        return isinstance(other, MaskMethod) and self.cache_key() == other.cache_key()
-
-    def init_state(self, params, key, patch_size: int) -> jax.Array:
-        """Returns the chain state: its PRNG key (the sensitivity probes draw from it)."""
-        del params, patch_size
-        return jnp.asarray(key)
-
-    def target_spec(self, params, patch_size: int) -> jax.ShapeDtypeStruct:
-        """Returns the (unused) per-chain target."""
-        del params, patch_size
-        return jax.ShapeDtypeStruct((), jnp.float32)
 
     def step(self, params, target, state, face: base.FaceFrame):
         """Returns (state, FaceOutput) of one face: x XOR k, the key optimised for this face."""

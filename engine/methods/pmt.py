@@ -213,7 +213,7 @@ def replace_footprint(patch, m_chip, chip):
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class PmtMethod:
+class PmtMethod(base.PerFaceMethod):
     """PMT as a method of `faceveil.engine.methods.base`: params are the recogniser's (a tuple
     per member for an `Ensemble`, the authorised shallow models of MR-PMT)."""
 
@@ -223,27 +223,6 @@ class PmtMethod:
 
     def __post_init__(self):
         check_layers(self.recogniser, self.config.layers)
-
-    def cache_key(self) -> tuple:
-        """Returns what identifies this method's compiled code."""
-        return (self.name, self.config) + tuple(
-            (r.name, r.chip_size, float(r.aspect)) for r in registry.members(self.recogniser))
-
-    def __hash__(self):
-        return hash(self.cache_key())
-
-    def __eq__(self, other):
-        return isinstance(other, PmtMethod) and self.cache_key() == other.cache_key()
-
-    def init_state(self, params, key, patch_size: int) -> jax.Array:
-        """Returns the chain state: its PRNG key (every face draws from it)."""
-        del params, patch_size
-        return jnp.asarray(key)
-
-    def target_spec(self, params, patch_size: int) -> jax.ShapeDtypeStruct:
-        """Returns the (unused) per-chain target."""
-        del params, patch_size
-        return jax.ShapeDtypeStruct((), jnp.float32)
 
     def step(self, params, target, state, face: base.FaceFrame):
         """Returns (state, FaceOutput) of one face: x~ optimised, the footprint replaced."""
