@@ -38,6 +38,17 @@ def _reconstruction_details(results: dict, faces: PairedFaces) -> dict:
                          for name, r in results.items()}}
 
 
+def _attacked_features(faces: PairedFaces, model: str, layers: int):
+    """Returns (rec, params, original chips, their cut features, the protected faces')."""
+    from faceveil.engine.methods import pmt
+    from faceveil.engine.pipeline import recognise
+
+    rec, params = recognise.recogniser_params(model)
+    x = faces.original_chips(model)[1]
+    clean = np.asarray(pmt.cut_features(rec, params, x, layers))
+    return rec, params, x, clean, faces.protected_features(rec, params, layers)
+
+
 def whitebox(faces: PairedFaces, model: str = "dlib", *, layers: int = 2,
              iters: int | None = None) -> tuple[AttackReport, dict]:
     """Returns (the white-box report, {features: ReconstructionResult}).
@@ -47,15 +58,10 @@ def whitebox(faces: PairedFaces, model: str = "dlib", *, layers: int = 2,
     originals; SSIM/PSNR/cosine/SRRA against the original chips (`reconstruction`).
     """
     from faceveil.engine.attacks import reconstruction
-    from faceveil.engine.methods import pmt
-    from faceveil.engine.pipeline import recognise
 
-    rec, params = recognise.recogniser_params(model)
     cfg = reconstruction.ReconstructionConfig(
         **({} if iters is None else {"iters": iters}))
-    x = faces.original_chips(model)[1]
-    clean = np.asarray(pmt.cut_features(rec, params, x, layers))
-    prot = faces.protected_features(rec, params, layers)
+    rec, params, x, clean, prot = _attacked_features(faces, model, layers)
     results = {"unprotected": reconstruction.attack(rec, params, clean, x, layers, cfg),
                "protected": reconstruction.attack(rec, params, prot, x, layers, cfg)}
     report = AttackReport(
@@ -125,13 +131,7 @@ def blackbox(faces: PairedFaces, dec) -> tuple[AttackReport, dict]:
     The decoder maps shallow features to a face (trained on (E_c(x), x) pairs); it decodes the
     protected faces' features and, as the baseline, the originals'.
     """
-    from faceveil.engine.methods import pmt
-    from faceveil.engine.pipeline import recognise
-
-    rec, params = recognise.recogniser_params(dec.recogniser)
-    x = faces.original_chips(dec.recogniser)[1]
-    clean = np.asarray(pmt.cut_features(rec, params, x, dec.cut))
-    prot = faces.protected_features(rec, params, dec.cut)
+    rec, _, x, clean, prot = _attacked_features(faces, dec.recogniser, dec.cut)
     results = {"unprotected": decoder.attack(dec, clean, x),
                "protected": decoder.attack(dec, prot, x)}
     report = AttackReport(
