@@ -35,11 +35,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import io
-import json
 import math
 import time
-import zipfile
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -50,10 +47,11 @@ import numpy as np
 import optax
 
 from faceveil import losses
+from faceveil.engine import checkpoints
 from faceveil.engine.attacks import reconstruction
 from faceveil.engine.methods import cloak
 from faceveil.engine.pipeline import align, image_io, progress, recognise
-from faceveil.models import registry, store
+from faceveil.models import registry
 
 FORMAT = "faceveil-decoder-1"
 CHECKPOINT_FILE = "decoder.npz"
@@ -171,8 +169,8 @@ class Decoder:
 
     def save(self, path) -> None:
         """Writes the decoder to `path` (a checkpoint folder, or a .npz file) atomically."""
-        _write(_checkpoint_file(path), _meta(self.recogniser, self.cut, self.config, self.step),
-               self.params)
+        _write(checkpoints.checkpoint_file(path, CHECKPOINT_FILE),
+               _meta(self.recogniser, self.cut, self.config, self.step), self.params)
 
     @classmethod
     def load(cls, path) -> Decoder:
@@ -183,7 +181,7 @@ class Decoder:
           ValueError: (an `image_io.InputError` naming the file) the file is corrupt, of another
             format, or its arrays do not fit its recorded architecture.
         """
-        return _read(_checkpoint_file(path))[0]
+        return _read(checkpoints.checkpoint_file(path, CHECKPOINT_FILE))[0]
 
 
 def face_chips(paths, recogniser: str) -> tuple[np.ndarray, list[str]]:
@@ -273,14 +271,6 @@ def _compiled_step(name: str, cut: int, cfg: DecoderConfig):
                    donate_argnums=(1,))
 
 
-def _key_data(key) -> np.ndarray:
-    """Returns the raw uint32 data of a PRNG key (typed or raw)."""
-    key = jnp.asarray(key)
-    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        key = jax.random.key_data(key)
-    return np.asarray(key, np.uint32)
-
-
 def _feature_stats(rec, params, cut: int, chips: np.ndarray) -> dict:
     """Returns per-channel mean and std [c] of E_c over the chips (batches of 16)."""
     total, sq, n = 0.0, 0.0, 0
@@ -352,21 +342,22 @@ def train(recogniser: str, chips: np.ndarray, cut: int, config: DecoderConfig | 
     if chips.ndim != 4 or chips.shape[0] == 0 or chips.shape[1:] != (size, size, 3):
         raise ValueError(f"chips of shape {chips.shape}; {recogniser} needs [N>0, {size}, "
                          f"{size}, 3]")
-    key = jnp.asarray(_key_data(jax.random.PRNGKey(cfg.seed) if key is None else key))
+    key = jnp.asarray(checkpoints.key_data(jax.random.PRNGKey(cfg.seed) if key is None else key))
     k_init, k_steps = jax.random.split(key)
     meta = _meta(recogniser, cut, cfg, 0, key=key, data=_digest(chips))
     opt = _optimiser(cfg)
 
     state = None
-    file = _checkpoint_file(checkpoint_dir) if checkpoint_dir is not None else None
+    file = checkpoints.checkpoint_file(checkpoint_dir, CHECKPOINT_FILE) if checkpoint_dir is not None else None
     if file is not None and file.exists():
         saved, saved_meta, opt_leaves = _read(file)
-        why = _mismatch(saved_meta, meta)
+        why = checkpoints.mismatch(saved_meta, meta, ("recogniser", "cut", "key", "data"),
+                                     _CADENCE_FIELDS)
         if why is None and opt_leaves is None:
             why = "it holds no optimiser state (a saved decoder, not a training checkpoint)"
         if why is None:
-            state = TrainState(saved.params, _opt_state(opt, saved.params["net"], opt_leaves,
-                                                        file),
+            state = TrainState(saved.params, checkpoints.opt_state(
+                opt, saved.params["net"], opt_leaves, file, "decoder"),
                                jnp.asarray(saved.step, jnp.int32))
             progress.say(f"decoder: resuming from {file} at step {saved.step}")
         else:
@@ -402,13 +393,7 @@ def attack(decoder: Decoder, features: np.ndarray,
     return reconstruction.judge(rec, params, decoder.decode(features), originals)
 
 
-# --- Checkpoint files ------------------------------------------------------------------------
-
-
-def _checkpoint_file(path) -> Path:
-    """Returns the checkpoint file of a folder (CHECKPOINT_FILE in it) or a .npz path."""
-    path = Path(path)
-    return path if path.suffix == ".npz" else path / CHECKPOINT_FILE
+# --- Checkpoint files (`faceveil.engine.checkpoints`) ------------------------------------
 
 
 def _meta(recogniser: str, cut: int, cfg: DecoderConfig, step: int, *, key=None,
@@ -419,32 +404,10 @@ def _meta(recogniser: str, cut: int, cfg: DecoderConfig, step: int, *, key=None,
             "data": data}
 
 
-def _mismatch(saved: dict, want: dict) -> str | None:
-    """Returns why a saved training run is not the wanted one (None: it is)."""
-    for field in ("recogniser", "cut", "key", "data"):
-        if saved.get(field) != want[field]:
-            return f"its {field} differs ({saved.get(field)} vs {want[field]})"
-    a, b = dict(saved["config"]), dict(want["config"])
-    for field in _CADENCE_FIELDS:
-        a.pop(field, None)
-        b.pop(field, None)
-    if a != b:
-        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-        return f"its config differs in {', '.join(diff)}"
-    return None
-
-
 def _write(file: Path, meta: dict, params, opt_state=None) -> None:
-    """Writes one checkpoint file atomically (temporary name, then a rename)."""
-    arrays = {"meta": np.asarray(json.dumps(meta))}
-    arrays.update(store.flatten(jax.device_get(params["net"]), "net"))
-    arrays.update(store.flatten(jax.device_get(params["stats"]), "stats"))
-    if opt_state is not None:
-        leaves = jax.tree_util.tree_leaves(jax.device_get(opt_state))
-        arrays.update({f"opt/{i:05d}": np.asarray(v) for i, v in enumerate(leaves)})
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    store.atomic_write_bytes(file, buf.getvalue())
+    """Writes one checkpoint file atomically."""
+    checkpoints.write(file, meta, {"net": params["net"], "stats": params["stats"]},
+                      None if opt_state is None else {"net": opt_state})
 
 
 def _read(file: Path) -> tuple[Decoder, dict, list | None]:
@@ -454,52 +417,18 @@ def _read(file: Path) -> tuple[Decoder, dict, list | None]:
       FileNotFoundError: no such file.
       image_io.InputError: (a ValueError naming the file) anything else wrong with it.
     """
-    if not file.is_file():
-        raise FileNotFoundError(f"{file}: no decoder checkpoint there")
+    meta, params, opt = checkpoints.read(file, FORMAT, "decoder checkpoint")
     try:
-        with np.load(file, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise image_io.InputError(file, f"not a decoder checkpoint ({e})") from e
-    try:
-        meta = json.loads(str(arrays.pop("meta")))
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"format {meta.get('format')!r}, expected {FORMAT!r}")
         cfg = DecoderConfig(**meta["config"])
         name, cut = str(meta["recogniser"]), int(meta["cut"])
         registry.get(name).check_cut(cut)
-        flat = {k: v for k, v in arrays.items() if not k.startswith("opt/")}
-        params = store.unflatten(flat)
-        _check_like(params.get("net"), _net_shapes(name, cut, cfg.width), "net")
+        checkpoints.check_like(params.get("net"), _net_shapes(name, cut, cfg.width), "net")
         c = _feature_shape(name, cut)[-1]
         for s in ("mean", "std"):
             got = params.get("stats", {}).get(s)
             if got is None or got.shape != (c,):
                 raise ValueError(f"stats/{s} missing or not of shape ({c},)")
-        opt_keys = sorted(k for k in arrays if k.startswith("opt/"))
-        opt_leaves = [arrays[k] for k in opt_keys] if opt_keys else None
         decoder = Decoder(name, cut, cfg, params, int(meta["step"]))
-    except (KeyError, TypeError, ValueError, json.JSONDecodeError) as e:
+    except (KeyError, TypeError, ValueError) as e:
         raise image_io.InputError(file, f"not a valid decoder checkpoint ({e})") from e
-    return decoder, meta, opt_leaves
-
-
-def _check_like(got, want, where: str) -> None:
-    """Raises ValueError unless nested dict `got` has exactly the shapes of `want`."""
-    if isinstance(want, dict):
-        if not isinstance(got, dict) or set(got) != set(want):
-            raise ValueError(f"{where}: parameters {sorted(got or {})} vs {sorted(want)}")
-        for k in want:
-            _check_like(got[k], want[k], f"{where}/{k}")
-    elif getattr(got, "shape", None) != want.shape:
-        raise ValueError(f"{where}: shape {getattr(got, 'shape', None)}, expected {want.shape}")
-
-
-def _opt_state(opt, net_params, leaves: list, file: Path):
-    """Returns the optimiser state rebuilt from its saved leaves."""
-    fresh = opt.init(net_params)
-    want, treedef = jax.tree_util.tree_flatten(fresh)
-    if len(leaves) != len(want) or any(np.shape(a) != np.shape(b) for a, b in zip(leaves, want)):
-        raise image_io.InputError(file, "its optimiser state does not fit the decoder")
-    return jax.tree_util.tree_unflatten(
-        treedef, [jnp.asarray(v, jnp.asarray(w).dtype) for v, w in zip(leaves, want)])
+    return decoder, meta, opt.get("net")
