@@ -1,7 +1,16 @@
-"""Mask templates, per-image mode (issue 14 item 6): F_c, T_o, T_r, r_s, quality, exactness.
+"""Mask templates, both modes (issue 14 item 6): F_c, T_o, T_r, r_s, quality, exactness.
 
     python -m benchmarks.mask --json out/mask.json [--data DIR] [--max_photos N] [--iters K]
         [--bits 1,2,3,4] [--against dlib,facenet,dlib+facenet] [--grid_rows 4] [--budget_s S]
+        [--modes per-image,generator] [--models out/mask_models] [--gen_steps N]
+
+Generator mode: ONE model for every recogniser named in `--against` (`pipeline.mask_training`:
+template network, then key generator, against all of them; MaskTrainConfig's settings,
+`--gen_steps` generator steps); each recogniser set uses its rows of tau (superposed
+templates) and every b the same generator. It is trained on every face of every shared photo
+(the probes included: the set is too small to hold people out; stated in the JSON) and kept
+under `--models` (a rerun resumes or reuses it). Its settings run first (one forward pass per face), then the
+per-image mode's.
 
 Probes: the photos of every identity folder under DATA/faces with two or more photos (taken
 round-robin over the identities, so `--max_photos N` keeps every person in; sorted within a
@@ -54,9 +63,11 @@ Settings run from the largest b down; the JSON and PNG are rewritten after every
 `summary`: `restore_bit_exact_fraction` (every photo and setting), `f_c_per_image` (the best
 identification F_c on the recogniser(s) protected against, the lowest member's for the pair,
 among settings whose mean face-region SSIM is >= 0.9; verification's beside it),
-`ssim_at_best`, and `f_c_generator`: null (the trained generator of issue 14 items 1-2 is not
-implemented). A PNG grid beside the JSON (same name, .png) for the best setting: original,
-template, key (amplified to full range), protected, restored, face regions of a few probes.
+`ssim_at_best`, and the same for the generator mode (`f_c_generator`, its
+`ssim_at_best_generator`, and `f_c_generator_any_ssim`, its best whatever the SSIM). PNG grids
+beside the JSON (`<name>.png`, the per-image mode's best setting; `<name>_generator.png`, the
+generator's): original, template, key (amplified to full range), protected, restored, face
+regions of a few probes.
 """
 
 from __future__ import annotations
@@ -76,12 +87,13 @@ from benchmarks.photo_protection import face_crop_box, identity_photos, ours_att
 from faceveil import losses
 from faceveil.engine.commands import report as report_lib
 from faceveil.engine.methods import mask
-from faceveil.engine.pipeline import faces, image_io, masks, progress, recognise
+from faceveil.engine.pipeline import faces, image_io, mask_training, masks, progress, recognise
 from faceveil.models import registry
 
 DEFAULT_DATA = parity_dlib.DEFAULT_DATA
 MODELS = ("dlib", "facenet")
 AGAINST = ("dlib", "facenet", "dlib,facenet")
+MODES = ("per-image", "generator")
 PRESET_OF_BITS = {1: "b1", 2: "b2", 3: "b3", 4: "default"}
 SSIM_BAR = 0.9
 FLAGS = flags.FLAGS
@@ -96,6 +108,13 @@ def _define_flags() -> None:
     flags.DEFINE_list("bits", ["1", "2", "3", "4"], "The b values (low-order bits) to run.")
     flags.DEFINE_list("against", ["dlib", "facenet", "dlib+facenet"],
                       "Recognisers protected against; '+' joins several (superposed).")
+    flags.DEFINE_list("modes", list(MODES), "per-image (keys optimised per photo) and/or "
+                      "generator (one model trained by mask_training for every --against).")
+    flags.DEFINE_string("models", "out/mask_models", "Folder of the trained models "
+                        "(<models>/<recognisers>/mask_model.npz; trained there when missing, "
+                        "resumed when interrupted).")
+    flags.DEFINE_integer("gen_steps", None, "Generator training steps (default: "
+                         "MaskTrainConfig's).")
     flags.DEFINE_integer("grid_rows", 4, "Probes in the PNG grid.")
     flags.DEFINE_integer("seed", 0, "Seed of the sensitivity probes and the keys' start.")
     flags.DEFINE_float("budget_s", None, "Start no setting that would end past this many seconds "
@@ -179,11 +198,15 @@ def template_on_photo(res: masks.MaskResult, found: faces.PhotoFaces, against: s
 
 
 def run_setting(against: str, bits: int, probes, images, found, clean_views, gallery,
-                *, iters, seed, grid_rows, compiled: set) -> tuple[dict, list]:
-    """Returns (report, grid crops) of one setting: every probe masked, attacked, restored."""
+                *, iters, seed, grid_rows, compiled: set, model=None) -> tuple[dict, list]:
+    """Returns (report, grid crops) of one setting: every probe masked, attacked, restored.
+
+    `model`: a trained `mask_training.MaskModel` (generator mode); None: per-image mode.
+    """
     over = {} if iters is None else {"iters": iters}
     cfg = mask.preset(PRESET_OF_BITS[bits], **over)
     members = [r.name for r in registry.members(registry.get(against))]
+    mode = "per-image" if model is None else "generator"
     thr = {m: float(registry.get(m).threshold) for m in MODELS}
     attacker = ours_attacker(MODELS)
     rows, crops = [], []
@@ -195,7 +218,8 @@ def run_setting(against: str, bits: int, probes, images, found, clean_views, gal
         sides = tuple(sorted(set(faces.merge_sides(plans))))
         t = time.perf_counter()
         res = masks.mask_images([img], recognisers=against, config=cfg, seed=seed, found=[pf],
-                                names=[p.name], show_progress=False, measure=False)
+                                names=[p.name], show_progress=False, measure=False,
+                                model=model)
         dt = time.perf_counter() - t
         fresh = (sides, len(pf.boxes)) not in compiled
         compiled.add((sides, len(pf.boxes)))
@@ -236,12 +260,13 @@ def run_setting(against: str, bits: int, probes, images, found, clean_views, gal
                           "key": amp[y0:y1, x0:x1], "protected": prot[y0:y1, x0:x1],
                           "restored": restored[y0:y1, x0:x1]})
         a = row["attack"]
-        _log(f"{against} b={bits} {i + 1}/{len(probes)} {row['photo']}: {dt:.1f} s"
+        _log(f"{mode} {against} b={bits} {i + 1}/{len(probes)} {row['photo']}: {dt:.1f} s"
              f"{' (compile incl.)' if fresh else ''}, face SSIM {f_ssim:.4f}, "
              + ", ".join(f"{m} id {'ok' if a[m]['protected']['identified'] else 'FOOLED'} "
                          f"d={a[m]['distance_to_own_original']}" for m in MODELS)
              + f", exact {exact}")
-    rep = {"against": against, "bits": bits, "config": dict(cfg.__dict__),
+    rep = {"mode": mode, "against": against, "bits": bits,
+           "config": dict(cfg.__dict__) if model is None else {"bits": bits},
            "photos": len(rows), "faces": int(sum(r["faces"] for r in rows)),
            "restore_bit_exact": int(sum(r["bit_exact"] for r in rows)),
            "face_ssim_mean": float(np.mean([r["face_ssim"] for r in rows])),
@@ -284,33 +309,47 @@ def _own_f_c(rep: dict, task: str = "identification") -> float:
     return min(a[task]["F_c"] for a in rep["attackers"].values() if a["protected_against"])
 
 
-def summary(settings: list[dict]) -> dict:
+def _best(settings: list[dict]) -> dict | None:
+    """Returns the setting of highest own F_c (identification) among those at SSIM_BAR."""
+    ok = [s for s in settings if s["face_ssim_mean"] >= SSIM_BAR]
+    return max(ok, key=lambda s: (_own_f_c(s), s["face_ssim_mean"])) if ok else None
+
+
+def summary(settings: list[dict], generator: dict | None = None) -> dict:
     """Returns the issue's summary of the settings run (module docstring)."""
     exact = sum(s["restore_bit_exact"] for s in settings)
     total = sum(s["photos"] for s in settings)
-    ok = [s for s in settings if s["face_ssim_mean"] >= SSIM_BAR]
-    best = max(ok, key=lambda s: (_own_f_c(s), s["face_ssim_mean"])) if ok else None
+    best = _best([s for s in settings if s["mode"] == "per-image"])
+    gen_settings = [s for s in settings if s["mode"] == "generator"]
+    gen = _best(gen_settings)
     steady = {}
     for s in settings:
         v = s["speed"]["protect_seconds_per_photo_steady"]
         if v is not None:
-            steady.setdefault(s["against"], []).append(v)
+            steady.setdefault(f"{s['mode']} {s['against']}", []).append(v)
     steady = {a: round(float(np.mean(v)), 3) for a, v in steady.items()}
     cpu = jax.default_backend() == "cpu"
+
+    def where(s):
+        return None if s is None else {"mode": s["mode"], "against": s["against"],
+                                       "bits": s["bits"]}
+
     out = {
         "restore_bit_exact_fraction": exact / total if total else None,
-        "restore_bit_exact": f"{exact}/{total}",
+        "restore_bit_exact": f"{exact}/{total} (every photo, mode and b run)",
         "f_c_per_image": None if best is None else _own_f_c(best),
         "f_c_per_image_verification": None if best is None else _own_f_c(best, "verification"),
         "ssim_at_best": None if best is None else best["face_ssim_mean"],
-        "best_setting": None if best is None else {"against": best["against"],
-                                                   "bits": best["bits"]},
-        "f_c_generator": None,
-        "f_c_generator_note": "the trained template network and perturbation generator (issue "
-                              "14 items 1-2) are not implemented: no generator figure",
+        "best_setting": where(best),
+        "f_c_generator": None if gen is None else _own_f_c(gen),
+        "f_c_generator_verification": None if gen is None else _own_f_c(gen, "verification"),
+        "ssim_at_best_generator": None if gen is None else gen["face_ssim_mean"],
+        "best_generator_setting": where(gen),
+        "f_c_generator_any_ssim": max((_own_f_c(s) for s in gen_settings), default=None),
+        "generator_training": generator,
         "ssim_bar": SSIM_BAR,
         "ssim_measure": "mean face-region SSIM over the probes (box enlarged 20%)",
-        # Steady state (compilation apart), mean over the b run, per recogniser set.
+        # Steady state (compilation apart), mean over the b run, per mode and recogniser set.
         "protect_seconds_per_photo_cpu": steady if cpu else "not measured",
         "protect_seconds_per_photo_gpu": "not measured" if cpu else steady,
         "restore_seconds_per_photo": float(np.mean(
@@ -350,8 +389,31 @@ def write_grid(path: Path, crops: list[dict], title: str) -> None:
 # Run
 
 
+def train_model(data: Path, against, models_dir: Path, gen_steps: int | None):
+    """Returns (MaskModel, training record): ONE model for every recogniser in `against`
+    (its tau has a row per recogniser, so it serves each set: the templates superpose),
+    trained on every face of every shared photo, resumed from `models_dir` when there."""
+    names = tuple(dict.fromkeys(r.name for a in against
+                                for r in registry.members(registry.get(a))))
+    cfg = mask_training.MaskTrainConfig(
+        **({} if gen_steps is None else {"generator_steps": gen_steps}))
+    t = time.perf_counter()
+    train_faces = mask_training.training_faces([Path(data) / "faces"], names)
+    model = mask_training.train(None, names, out=models_dir / "+".join(names), config=cfg,
+                                data=train_faces)
+    record = {"recognisers": list(names), "faces": len(train_faces.names),
+              "template_steps": model.template_step, "generator_steps": model.generator_step,
+              "seconds_this_run": round(time.perf_counter() - t, 1),
+              "config": dict(cfg.__dict__), "model_config": dict(model.config.__dict__),
+              "note": "trained on every shared photo, the probes included (the shared set is "
+                      "too small to hold people out); the paper trains on a separate set"}
+    _log(f"model for {','.join(names)}: {record['generator_steps']} generator steps")
+    return model, record
+
+
 def run(data: Path, *, max_photos=None, iters=None, bits=(1, 2, 3, 4), against=AGAINST,
-        seed=0, grid_rows=4, budget_s=None, on_setting=None) -> tuple[dict, dict]:
+        seed=0, grid_rows=4, budget_s=None, on_setting=None, modes=MODES,
+        models_dir: Path = Path("out/mask_models"), gen_steps=None) -> tuple[dict, dict]:
     """Returns (report, {"key": best setting, "crops": its grid crops}).
 
     Settings run from the largest b down (the ones that protect first), each recogniser set in
@@ -381,7 +443,7 @@ def run(data: Path, *, max_photos=None, iters=None, bits=(1, 2, 3, 4), against=A
     _log(f"{len(kept)} probe(s) of {len({w for w, _ in kept})} people, gallery "
          f"{len(gal)} photos of {len({w for w, _ in gal})} identities; dropped {len(dropped)}")
     head = {
-        "benchmark": "mask", "mode": "per-image", "data": str(data),
+        "benchmark": "mask", "modes": list(modes), "data": str(data),
         "date": time.strftime("%Y-%m-%d"), "jax": jax.__version__,
         "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
         "gpu": "not measured" if jax.default_backend() == "cpu" else jax.devices()[0].device_kind,
@@ -392,29 +454,36 @@ def run(data: Path, *, max_photos=None, iters=None, bits=(1, 2, 3, 4), against=A
                     "rule": "every shared clean photo except the probe's own original"},
         "attack_seconds_per_photo": round(attack_s, 3),
     }
+    model, head["generator_training"] = None, None
+    if "generator" in modes:
+        model, head["generator_training"] = train_model(data, against, models_dir, gen_steps)
     settings, grids, skipped, took = [], {}, [], {}
-    order = [(a, b) for b in sorted(bits, reverse=True) for a in against]
+    # The generator first (seconds per setting), then the per-image mode from the largest b.
+    order = [(m, a, b) for m in sorted(modes, key=lambda m: m != "generator")
+             for b in sorted(bits, reverse=True) for a in against]
     result = ({}, {})
-    for a, b in order:
+    for mode, a, b in order:
         elapsed = time.perf_counter() - t0
-        guess = took.get(a, max(took.values(), default=0.0))
+        guess = took.get((mode, a), max(took.values(), default=0.0))
         if budget_s is not None and elapsed + guess > budget_s:
-            _log(f"skip {a} b={b}: {elapsed:.0f} s + ~{guess:.0f} s > budget {budget_s:.0f} s")
-            skipped.append({"against": a, "bits": b, "reason": "time budget"})
+            _log(f"skip {mode} {a} b={b}: {elapsed:.0f} s + ~{guess:.0f} s > budget "
+                 f"{budget_s:.0f} s")
+            skipped.append({"mode": mode, "against": a, "bits": b, "reason": "time budget"})
             continue
-        _log(f"protect against {a}, b = {b}")
+        _log(f"{mode}: protect against {a}, b = {b}")
         t = time.perf_counter()
         rep, crops = run_setting(a, b, kept, images, found, clean_views, gallery,
-                                 iters=iters, seed=seed, grid_rows=grid_rows, compiled=set())
-        took[a] = time.perf_counter() - t
-        rep["seconds"] = round(took[a], 1)
+                                 iters=iters, seed=seed, grid_rows=grid_rows, compiled=set(),
+                                 model=model if mode == "generator" else None)
+        took[(mode, a)] = time.perf_counter() - t
+        rep["seconds"] = round(took[(mode, a)], 1)
         settings.append(rep)
-        grids[(a, b)] = crops
-        _log(f"{a} b={b}: " + ", ".join(
+        grids[(mode, a, b)] = crops
+        _log(f"{mode} {a} b={b}: " + ", ".join(
             f"{m} F_c id {v['identification']['F_c']:.2f} ver "
             f"{v['verification']['F_c']:.2f}" for m, v in rep["attackers"].items())
              + f", face SSIM {rep['face_ssim_mean']:.4f}, exact {rep['restore_bit_exact']}"
-               f"/{rep['photos']} ({took[a]:.0f} s)")
+               f"/{rep['photos']} ({took[(mode, a)]:.0f} s)")
         result = _assemble(head, settings, skipped, grids, t0, in_progress=True)
         if on_setting is not None:
             on_setting(*result)
@@ -427,14 +496,14 @@ def _assemble(head: dict, settings: list, skipped: list, grids: dict, t0: float,
               in_progress: bool) -> tuple[dict, dict]:
     """Returns (report, grid) of the settings run so far."""
     rank = {a: k for k, a in enumerate(AGAINST)}
-    done = sorted(settings, key=lambda s: (rank.get(s["against"], 9), s["bits"]))
-    summ = summary(done)
+    done = sorted(settings, key=lambda s: (s["mode"], rank.get(s["against"], 9), s["bits"]))
+    summ = summary(done, head.get("generator_training"))
     tables = {
-        "columns": ["against", "bits", "attacker", "cross_model", "T_o_id", "F_c_id", "T_r_id",
+        "columns": ["mode", "against", "bits", "attacker", "cross_model", "T_o_id", "F_c_id", "T_r_id",
                     "r_s_id", "T_o_ver", "F_c_ver", "T_r_ver", "r_s_ver", "face_ssim",
                     "face_psnr", "photo_ssim", "photo_psnr", "bit_exact",
                     "protect_s_per_photo_steady"],
-        "rows": [[s["against"], s["bits"], m, not v["protected_against"],
+        "rows": [[s["mode"], s["against"], s["bits"], m, not v["protected_against"],
                   *(round(v[t][k], 4) for t in ("identification", "verification")
                     for k in ("T_o", "F_c", "T_r", "r_s")),
                   round(s["face_ssim_mean"], 4), round(s["face_psnr_mean"], 2),
@@ -443,29 +512,44 @@ def _assemble(head: dict, settings: list, skipped: list, grids: dict, t0: float,
                   s["speed"]["protect_seconds_per_photo_steady"]]
                  for s in done for m, v in s["attackers"].items()]}
     report = {"summary": summ, **head, "in_progress": in_progress, "skipped": skipped,
-              "tables": tables, "settings": done, "generator": None,
+              "tables": tables, "settings": done,
               "wall_seconds": round(time.perf_counter() - t0, 1)}
-    best = summ["best_setting"]
-    key = (best["against"], best["bits"]) if best else (done[-1]["against"], done[-1]["bits"])
-    return report, {"key": key, "crops": grids.get(key, [])}
+    grid = {}
+    for name in ("best_setting", "best_generator_setting"):
+        best = summ[name]
+        if best is not None:
+            k = (best["mode"], best["against"], best["bits"])
+            grid[k] = grids.get(k, [])
+    if not grid:
+        last = done[-1]
+        k = (last["mode"], last["against"], last["bits"])
+        grid[k] = grids.get(k, [])
+    return report, grid
 
 
 def write_outputs(rep: dict, grid: dict, json_path: str | None) -> None:
-    """Writes the JSON report and, beside it, the PNG grid of the best setting."""
+    """Writes the JSON report and, beside it, the PNG grid of each mode's best setting
+    (`<name>.png` the per-image mode's, `<name>_generator.png` the generator's)."""
     if not json_path:
         return
-    png = Path(json_path).with_suffix(".png")
-    rep["png"] = str(png)
-    image_io.write_json(json_path, rep)
-    if grid["crops"]:
-        a, b = grid["key"]
-        s = next(x for x in rep["settings"] if x["against"] == a and x["bits"] == b)
-        title = (f"faceveil mask, per-image mode, against {a}, b = {b}, {rep['iters']} steps: "
+    rep["png"] = []
+    for (mode, a, b), crops in grid.items():
+        if not crops:
+            continue
+        png = Path(json_path).with_suffix(".png")
+        if mode == "generator":
+            png = png.with_name(png.stem + "_generator.png")
+        s = next(x for x in rep["settings"]
+                 if x["mode"] == mode and x["against"] == a and x["bits"] == b)
+        steps = f"{rep['iters']} steps" if mode == "per-image" else "trained generator"
+        title = (f"faceveil mask, {mode} mode, against {a}, b = {b}, {steps}: "
                  + ", ".join(f"{m} F_c (1:N) {v['identification']['F_c']:.2f}"
                              for m, v in s["attackers"].items())
                  + f"\nface SSIM {s['face_ssim_mean']:.3f}, restored bit-exact "
                    f"{s['restore_bit_exact']}/{s['photos']}")
-        write_grid(png, grid["crops"], title)
+        write_grid(png, crops, title)
+        rep["png"].append(str(png))
+    image_io.write_json(json_path, rep)
 
 
 def main(argv: list[str]) -> int:
@@ -478,6 +562,9 @@ def main(argv: list[str]) -> int:
     try:
         bits = [int(b) for b in FLAGS.bits]
         against = [a.replace("+", ",") for a in FLAGS.against]
+        modes = list(FLAGS.modes)
+        if not modes or set(modes) - set(MODES):
+            raise ValueError(f"--modes must be among {', '.join(MODES)}, got {modes}")
         for b in bits:
             mask.MaskConfig(bits=b)
         for a in against:
@@ -487,15 +574,15 @@ def main(argv: list[str]) -> int:
         return 2
     rep, grid = run(data, max_photos=FLAGS.max_photos, iters=FLAGS.iters, bits=bits,
                     against=against, seed=FLAGS.seed, grid_rows=FLAGS.grid_rows,
-                    budget_s=FLAGS.budget_s,
-                    on_setting=lambda r, g: write_outputs(r, g, FLAGS.json))
+                    budget_s=FLAGS.budget_s, modes=modes, models_dir=Path(FLAGS.models),
+                    gen_steps=FLAGS.gen_steps, on_setting=lambda r, g: write_outputs(r, g, FLAGS.json))
     if not rep:
         print("mask benchmark: no setting ran (--budget_s too small?)", file=sys.stderr)
         return 1
     write_outputs(rep, grid, FLAGS.json)
     print(json.dumps(rep, indent=2, default=image_io._json_default))
     if FLAGS.json:
-        _log(f"wrote {FLAGS.json} and {rep['png']}")
+        _log(f"wrote {FLAGS.json} and {', '.join(rep['png'])}")
     return 0
 
 

@@ -14,8 +14,9 @@
     faceveil veil recover INPUTS... --key alice.veil --out DIR
                    (passphrase: --passphrase_file F, the variable named by --passphrase_env
                    [FACEVEIL_PASSPHRASE], or a prompt; never on the command line)
-    faceveil mask protect IMAGES... --out DIR --keys DIR --per-image [--bits b]
-                   [--recognisers dlib,facenet] [--iters N]
+    faceveil mask train --faces DIR --recognisers dlib,facenet --out MODEL_DIR [--iters N]
+    faceveil mask protect IMAGES... --out DIR --keys DIR [--per-image | --model MODEL_DIR]
+                   [--bits b] [--recognisers dlib,facenet] [--iters N]
     faceveil mask restore IMAGES... --keys DIR --out DIR
                    (PNG outputs only; passphrase as for veil)
     faceveil pmt IMAGES... --out DIR --authorised dlib[,facenet] [--layers L]
@@ -45,6 +46,7 @@ one-line message on stderr that names the file and the reason, and leaves inputs
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from absl import app, flags
 
@@ -137,7 +139,9 @@ flags.DEFINE_bool("aggregate", True, "pmt: layer aggregation of stages 1..L (poo
 flags.DEFINE_string("keys", None, "mask: folder of the encrypted per-photo keys "
                     "(<stem>.mask.key).")
 flags.DEFINE_bool("per-image", True, "mask protect: optimise each photo's key directly against "
-                  "the recognisers (no trained generator; the only mode so far).")
+                  "the recognisers (no trained generator); --model MODEL_DIR uses a trained "
+                  "one instead (faceveil mask train).")
+flags.DEFINE_string("faces", None, "mask train: folder of face photos to train on (any tree).")
 flags.DEFINE_integer("bits", 4, "mask protect: low-order bits per pixel the key flips (1..4).")
 flags.DEFINE_string("recognisers", "dlib", "mask protect: recogniser(s) the key works against "
                     "(dlib, facenet, or dlib,facenet: their templates superpose).")
@@ -255,10 +259,24 @@ def _cmd_mask(args):
     from faceveil.engine.methods import mask
     from faceveil.models import registry
 
-    actions = ("protect", "restore")
+    actions = ("train", "protect", "restore")
     if not args or args[0] not in actions:
         raise UserError(f"mask needs an action: faceveil mask {'|'.join(actions)} ...")
     action, rest = args[0], args[1:]
+    try:
+        registry.members(registry.get(FLAGS.recognisers))
+    except (KeyError, ValueError) as e:
+        raise UserError(f"--recognisers: {e.args[0]}") from None
+    if action == "train":
+        if not FLAGS.faces or not FLAGS.out:
+            raise UserError("mask train needs --faces DIR and --out MODEL_DIR")
+        if not Path(FLAGS.faces).is_dir():
+            raise UserError(f"{FLAGS.faces}: --faces must be a folder of photos")
+        try:
+            mask_cli.train(FLAGS.faces, FLAGS.recognisers, FLAGS.out, steps=FLAGS.iters)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        return
     if not FLAGS.out or not FLAGS.keys:
         raise UserError(f"mask {action} needs --out DIR and --keys DIR")
     if not rest:
@@ -269,13 +287,12 @@ def _cmd_mask(args):
     if action == "restore":
         mask_cli.restore(rest, FLAGS.keys, FLAGS.out, **secret)
         return
-    if not FLAGS["per-image"].value:
-        raise UserError("mask protect: only --per-image is available (a trained generator, "
-                        "--model, is not implemented yet)")
-    try:
-        registry.members(registry.get(FLAGS.recognisers))
-    except (KeyError, ValueError) as e:
-        raise UserError(f"--recognisers: {e.args[0]}") from None
+    model_dir = FLAGS.model if FLAGS["model"].present else None
+    if model_dir is not None and FLAGS["per-image"].present and FLAGS["per-image"].value:
+        raise UserError("mask protect: --per-image and --model MODEL_DIR exclude each other")
+    if model_dir is None and not FLAGS["per-image"].value:
+        raise UserError("mask protect --noper-image needs --model MODEL_DIR (a trained model, "
+                        "faceveil mask train)")
     overrides = {"bits": FLAGS.bits}
     if FLAGS.iters is not None:
         overrides["iters"] = FLAGS.iters
@@ -285,8 +302,13 @@ def _cmd_mask(args):
         config = mask.preset(name, **overrides)
     except ValueError as e:
         raise UserError(f"--bits/--iters: {e}") from None
-    mask_cli.protect(rest, FLAGS.out, FLAGS.keys, recognisers=FLAGS.recognisers, config=config,
-                     **secret)
+    try:
+        mask_cli.protect(rest, FLAGS.out, FLAGS.keys, recognisers=FLAGS.recognisers,
+                         config=config, model_dir=model_dir, **secret)
+    except FileNotFoundError as e:
+        raise UserError(f"--model: {e}") from None
+    except ValueError as e:  # a model for other recognisers, or not a mask model (file named)
+        raise UserError(str(e)) from None
 
 
 def _cmd_pmt(args):

@@ -69,8 +69,11 @@ def _outputs(files: list[Path], out_dir: Path, overwrite: bool, keys_dir: Path |
 def protect_files(inputs, out_dir, keys_dir, *, passphrase: str, recognisers: str = "dlib",
                   config: mask.MaskConfig | None = None, seed: int = 0,
                   overwrite: bool = False, show_progress: bool = True,
-                  scrypt_n: int = keyfile.SCRYPT_N) -> list[FileReport]:
-    """Returns a FileReport per photo after writing its protected PNG and its encrypted key."""
+                  scrypt_n: int = keyfile.SCRYPT_N, model=None) -> list[FileReport]:
+    """Returns a FileReport per photo after writing its protected PNG and its encrypted key.
+
+    `model`: a trained `mask_training.MaskModel` (keys from its generator); None: per-image.
+    """
     files = recognise.photo_files(inputs)
     if not files:
         raise image_io.InputError(", ".join(map(str, inputs)), "no photos")
@@ -78,7 +81,8 @@ def protect_files(inputs, out_dir, keys_dir, *, passphrase: str, recognisers: st
     outs = _outputs(files, out_dir, overwrite, keys_dir)
     images = [image_io.read_image(f) for f in files]  # a bad input stops before any output
     res = masks.mask_images(images, recognisers=recognisers, config=config, seed=seed,
-                            names=[str(f) for f in files], show_progress=show_progress)
+                            names=[str(f) for f in files], show_progress=show_progress,
+                            model=model)
     fr = res.photos.faces
     reports = []
     for i, (f, out) in enumerate(zip(files, outs)):

@@ -1,7 +1,8 @@
 """Mask keys on photos: protect = photo XOR key, restore = protected XOR key, and the key file.
 
-`mask_images(images, recognisers=..., config=...)` runs the per-image mask method
-(`faceveil.engine.methods.mask`) on every face of every photo through the one photo pipeline
+`mask_images(images, recognisers=..., config=..., model=None)` runs the per-image mask method
+(`faceveil.engine.methods.mask`), or a trained model's generator (`methods.mask_model`), on
+every face of every photo through the one photo pipeline
 (`photos.protect_photos`: all faces of a patch size in one compiled call); the pipeline XORs each
 face's key into its photo, so the photo's key is protected XOR photo: uint8 [H, W, 3], each value
 below 2^b, zero outside the faces' templates, on the photo's own pixel grid. Restoring is
@@ -26,7 +27,7 @@ import jax
 import numpy as np
 
 from faceveil.engine import keyfile
-from faceveil.engine.methods import mask
+from faceveil.engine.methods import mask, mask_model
 from faceveil.engine.pipeline import photos, recognise
 
 KIND = "mask"
@@ -47,28 +48,40 @@ class MaskResult:
     bits: int
 
 
-def method_for(recognisers: str, config: mask.MaskConfig):
-    """Returns (MaskMethod, params) against recognisers 'dlib', 'facenet' or 'dlib,facenet'."""
+def method_for(recognisers: str, config: mask.MaskConfig, model=None):
+    """Returns (method, params) against recognisers 'dlib', 'facenet' or 'dlib,facenet'.
+
+    Per-image mode (`mask.MaskMethod`), or with a trained `mask_training.MaskModel` its
+    generator (`mask_model.GeneratorMaskMethod`, b = config.bits). ValueError when the model
+    was not trained for these recognisers.
+    """
     rec, params = recognise.recogniser_params(recognisers)
-    return mask.MaskMethod(rec, config), params
+    if model is None:
+        return mask.MaskMethod(rec, config), params
+    gcfg = mask_model.GeneratorConfig(model.config, bits=config.bits,
+                                      rows=model.rows(recognisers))
+    return (mask_model.GeneratorMaskMethod(rec, gcfg),
+            {"recognisers": params, "model": jax.device_put(model.params)})
 
 
 def mask_images(images: list[np.ndarray], *, recognisers: str = "dlib",
                 config: mask.MaskConfig | None = None, seed: int = 0,
                 min_face: float = 40.0, names=None, show_progress: bool = True,
-                found=None, measure: bool = True) -> MaskResult:
+                found=None, measure: bool = True, model=None) -> MaskResult:
     """Returns the MaskResult of protecting every face of every photo with a per-image key.
 
     Args:
       images: uint8 [H, W, 3] photos (sizes may differ).
       recognisers: comma-separated recogniser names; several superpose their templates.
-      config: the mask key's settings (`mask.PRESETS`; default `mask.MaskConfig()`).
+      config: the mask key's settings (`mask.PRESETS`; default `mask.MaskConfig()`); with a
+        model only its `bits` is used.
       seed: seed of the sensitivity probes and the keys' random start.
       min_face: faces smaller than this (pixels) are left alone.
       names, show_progress, found, measure: as `photos.protect_photos` takes them.
+      model: a trained `mask_training.MaskModel` (None: the per-image mode).
     """
     config = config or mask.MaskConfig()
-    method, params = method_for(recognisers, config)
+    method, params = method_for(recognisers, config, model)
     res = photos.protect_photos(
         images, method, params, key=jax.random.key(seed), min_face=min_face, names=names,
         show_progress=show_progress, found=found, measure=measure, lanes=MAX_LANES)
