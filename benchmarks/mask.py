@@ -389,7 +389,8 @@ def write_grid(path: Path, crops: list[dict], title: str) -> None:
 # Run
 
 
-def train_model(data: Path, against, models_dir: Path, gen_steps: int | None):
+def train_model(data: Path, against, models_dir: Path, gen_steps: int | None, images: dict,
+                found: dict):
     """Returns (MaskModel, training record): ONE model for every recogniser in `against`
     (its tau has a row per recogniser, so it serves each set: the templates superpose),
     trained on every face of every shared photo, resumed from `models_dir` when there."""
@@ -398,7 +399,10 @@ def train_model(data: Path, against, models_dir: Path, gen_steps: int | None):
     cfg = mask_training.MaskTrainConfig(
         **({} if gen_steps is None else {"generator_steps": gen_steps}))
     t = time.perf_counter()
-    train_faces = mask_training.training_faces([Path(data) / "faces"], names)
+    paths = sorted(images)
+    train_faces = mask_training.crop_faces([images[p] for p in paths],
+                                           [found[p] for p in paths],
+                                           names, names=[str(p) for p in paths])
     model = mask_training.train(None, names, out=models_dir / "+".join(names), config=cfg,
                                 data=train_faces)
     record = {"recognisers": list(names), "faces": len(train_faces.names),
@@ -432,7 +436,8 @@ def run(data: Path, *, max_photos=None, iters=None, bits=(1, 2, 3, 4), against=A
         _log(f"clean {k + 1}/{len(gal)} {p.parent.name}/{p.name}")
     attack_s = (time.perf_counter() - t) / len(gal)
     gallery = {m: [(w, p, clean_views[p][m]) for w, p in gal] for m in MODELS}
-    found = {p: faces.find_photo_faces(images[p]) for _, p in probes}
+    # Every photo's faces, found once: the probes' are protected, all train the generator.
+    found = {p: faces.find_photo_faces(images[p]) for _, p in gal}
     # A probe needs a face to protect and, for each attacker, another clean photo of the person
     # in which that attacker finds a face (else verification has no reference).
     kept, dropped = [], []
@@ -456,7 +461,8 @@ def run(data: Path, *, max_photos=None, iters=None, bits=(1, 2, 3, 4), against=A
     }
     model, head["generator_training"] = None, None
     if "generator" in modes:
-        model, head["generator_training"] = train_model(data, against, models_dir, gen_steps)
+        model, head["generator_training"] = train_model(data, against, models_dir, gen_steps,
+                                                               images, found)
     settings, grids, skipped, took = [], {}, [], {}
     # The generator first (seconds per setting), then the per-image mode from the largest b.
     order = [(m, a, b) for m in sorted(modes, key=lambda m: m != "generator")

@@ -146,13 +146,25 @@ def training_faces(paths, recognisers: tuple[str, ...], *, min_face: float = 40.
     files = recognise.photo_files(paths)
     if not files:
         raise ValueError(f"no photos (.jpg, .jpeg, .png) under {', '.join(map(str, paths))}")
+    images, found = [], []
+    for i, f in enumerate(files):
+        images.append(image_io.read_image(f))
+        found.append(faces.find_photo_faces(images[-1], min_face=min_face))
+        progress.say(f"mask train: faces {i + 1}/{len(files)} {f.name}: "
+                     f"{len(found[-1].boxes)} face(s)", enabled=show_progress)
+    if not any(len(pf.boxes) for pf in found):
+        raise ValueError(f"no face found in the photos under {', '.join(map(str, paths))}")
+    return crop_faces(images, found, recognisers, names=[str(f) for f in files])
+
+
+def crop_faces(images, found, recognisers: tuple[str, ...], names=None) -> TrainingFaces:
+    """Returns the TrainingFaces of the faces `found` (`faces.PhotoFaces`) in uint8 photos."""
     recs = [registry.get(r) for r in recognisers]
     tmpl = jnp.asarray(dlib_resnet.face_template(SOURCE, SOURCE_PADDING), jnp.float32)
-    src, lms, ms, names = [], [], [], []
-    for i, f in enumerate(files):
-        img = image_io.read_image(f)
-        found = faces.find_photo_faces(img, min_face=min_face)
-        for k, lm in enumerate(found.landmarks):
+    names = names or [f"photo {i + 1}" for i in range(len(images))]
+    src, lms, ms, face_names = [], [], [], []
+    for img, pf, name in zip(images, found, names):
+        for k, lm in enumerate(pf.landmarks):
             m_src = align.chip_transform(jnp.asarray(lm), tmpl)
             to_src = align.invert(m_src)
             src.append(np.asarray(align.warp(jnp.asarray(img, jnp.float32) / 255.0, m_src,
@@ -160,14 +172,10 @@ def training_faces(paths, recognisers: tuple[str, ...], *, min_face: float = 40.
             lms.append(np.asarray(align.apply_transform(to_src, jnp.asarray(lm))))
             ms.append(np.stack([np.asarray(align.compose(to_src, m)) for m in
                                 (faces.chip_transforms(lm[None], r)[0] for r in recs)]))
-            names.append(f"{f}#{k}")
-        progress.say(f"mask train: faces {i + 1}/{len(files)} {f.name}: {len(found.boxes)} "
-                     f"face(s)", enabled=show_progress)
-    if not src:
-        raise ValueError(f"no face found in the photos under {', '.join(map(str, paths))}")
+            face_names.append(f"{name}#{k}")
     source = np.round(np.clip(np.stack(src), 0.0, 1.0) * 255.0) / 255.0
     return TrainingFaces(source.astype(np.float32), np.stack(lms).astype(np.float32),
-                         np.stack(ms).astype(np.float32), names)
+                         np.stack(ms).astype(np.float32), face_names)
 
 
 def _digest(data: TrainingFaces) -> str:
