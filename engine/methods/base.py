@@ -17,7 +17,9 @@ A method is a frozen dataclass (hashable: one compilation per method) with
 the T frames of a chain (the state carries from face to face: a warm start, a temporal
 reference), `vmap` over the chains (independent lanes). Targets are an argument of their own, so
 the carry can be donated on accelerators. Still photos are chains of one frame (`solve_faces`).
-The host side (`faceveil.engine.pipeline.faces`, `.chains`) plans the faces and packs lanes.
+The host side (`faceveil.engine.pipeline.faces`, `.chains`) plans the faces and packs lanes;
+`shard_chunk` lays a call's lanes over every local device (`faceveil.engine.sharding`), padded
+with absent faces, so each device runs its share and the results are the unsharded run's.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from typing import Any, NamedTuple, Protocol
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
+
+from faceveil.engine import sharding
 
 
 class FaceFrame(NamedTuple):
@@ -175,10 +179,38 @@ def still_frames(patches: ArrayLike, m_chip: ArrayLike, offsets: ArrayLike | Non
         offset=jnp.asarray(offsets, jnp.float32)[:, None], present=jnp.ones((b, 1), bool))
 
 
-def solve_faces(method: Method, params, patches: ArrayLike, m_chip: ArrayLike, key: ArrayLike,
-                *, target: ArrayLike | None = None, offsets: ArrayLike | None = None,
+def shard_chunk(params, frames: FaceFrame, carry, target, mesh=None):
+    """Returns (params, frames, carry, target, lanes) placed for `chunk_fn` over the lane mesh.
+
+    The lanes (axis 0 of frames, carry, target) are padded to a multiple of the mesh's size
+    and split over it, the params replicated; `lanes` is the number of real lanes (drop the
+    rest with `sharding.unpad_lanes`). Padded lanes repeat lane 0 with every face absent, so a
+    method passes them through untouched. Without a mesh (one device) all is returned as is.
+
+    Args:
+      params, frames, carry, target: `chunk_fn`'s arguments, lanes unpadded.
+      mesh: the lane mesh (default `sharding.lane_mesh()`, from the local devices).
+    """
+    mesh = sharding.lane_mesh() if mesh is None else mesh
+    lanes = int(frames.present.shape[0])
+    if mesh is None:
+        return params, frames, carry, target, lanes
+    multiple = sharding.lane_multiple(mesh)
+    frames, _ = sharding.pad_lanes(frames, multiple)
+    frames = frames._replace(present=jnp.asarray(frames.present).at[lanes:].set(False))
+    (carry, target), _ = sharding.pad_lanes((carry, target), multiple)
+    return (sharding.replicate(params, mesh), *sharding.shard_lanes((frames, carry, target), mesh),
+            lanes)
+
+
+def solve_faces(method: Method, params, patches: ArrayLike, m_chip: ArrayLike,
+                key: ArrayLike | None = None, *, keys: ArrayLike | None = None,
+                target: ArrayLike | None = None, offsets: ArrayLike | None = None,
                 landmarks: ArrayLike | None = None) -> FaceOutput:
     """Returns the FaceOutput [B, ...] of B still faces, all in one compiled call.
+
+    The faces are lanes sharded over the local devices (`shard_chunk`); the outputs do not
+    depend on the number of devices.
 
     Args:
       method: the protection method.
@@ -186,13 +218,20 @@ def solve_faces(method: Method, params, patches: ArrayLike, m_chip: ArrayLike, k
       patches: [B, P, P, 3] face patches, uint8 or float in [0, 1].
       m_chip: [B, 2, 3] chip pixels -> patch pixels ([B, R, 2, 3] for an ensemble).
       key: PRNG key (split into one key per face).
+      keys: [B] PRNG keys, one per face, instead of `key`.
       target: [B, ...] per-face targets (zeros when None).
       offsets, landmarks: as `still_frames` takes them.
     """
+    if (key is None) == (keys is None):
+        raise ValueError("solve_faces takes either key or keys")
     frames = still_frames(patches, m_chip, offsets, landmarks)
     b, size = frames.patch.shape[0], frames.patch.shape[2]
-    carry = init_carry(method, params, jax.random.split(key, b), size)
+    keys = jax.random.split(key, b) if keys is None else keys
+    carry = init_carry(method, params, keys, size)
     if target is None:
         target = empty_target(method, params, b, size)
-    _, res = chunk_fn(method)(params, frames, carry, jnp.asarray(target))
+    params, frames, carry, target, lanes = shard_chunk(params, frames, carry,
+                                                       jnp.asarray(target))
+    _, res = chunk_fn(method)(params, frames, carry, target)
+    res = sharding.unpad_lanes(res, lanes)
     return jax.tree.map(functools.partial(jnp.squeeze, axis=1), res)

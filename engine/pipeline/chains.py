@@ -13,9 +13,10 @@ its windows. Without segments a call is simply the k-th chunk of the video.
 
 `ChainRunner` runs any method of `faceveil.engine.methods`: it keeps every chain's carry on the
 host between calls, packs a call's chains into lanes (padded to a few lane counts, so the
-compiled chunk function is reused), runs the ahead-of-time compiled executable (compile time
-is measured apart from run time), pastes the protected patches back into the window's frames
-and records per-face iterations and metrics.
+compiled chunk function is reused, and to a multiple of the local device count, over which
+the lanes are sharded: `faceveil.engine.sharding`), runs the ahead-of-time compiled executable
+(compile time is measured apart from run time), pastes the protected patches back into the
+window's frames and records per-face iterations and metrics.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from faceveil.engine import sharding
 from faceveil.engine.methods import base
 from faceveil.engine.pipeline import faces
 
@@ -80,7 +82,9 @@ class ChainRunner:
     """
 
     def __init__(self, method: base.Method, params, plans, size: int, schedule: Schedule, key):
-        self.method, self.params = method, params
+        # Lanes are split over the local devices; the params are copied to each once, here.
+        self.mesh = sharding.lane_mesh()
+        self.method, self.params = method, sharding.replicate(params, self.mesh)
         self.plans, self.size, self.schedule = plans, size, schedule
         self.mask = np.stack([p.present for p in plans])  # [C, N]
         self.fn = base.chunk_fn(method)
@@ -114,6 +118,8 @@ class ChainRunner:
             return out, lanes
         frames, carry = self._pack(lanes, windows)
         target = base.empty_target(self.method, self.params, frames.present.shape[0], self.size)
+        patches = np.asarray(frames.patch)  # the clean patches, before they leave the host
+        frames, carry, target = sharding.shard_lanes((frames, carry, target), self.mesh)
         exe = self._executable(frames, carry, target)
         t = time.perf_counter()
         new_carry, res = exe(self.params, frames, carry, target)
@@ -123,7 +129,6 @@ class ChainRunner:
         for name, v in metrics.items():
             if name not in self.metrics:
                 self.metrics[name] = np.full(self.mask.shape + v.shape[2:], np.nan, np.float32)
-        patches = np.asarray(frames.patch)
         for lane, (i, s, t0, t1) in enumerate(lanes):
             n = t1 - t0
             self.carries[(i, s)] = jax.tree.map(lambda a, lane=lane: np.asarray(a[lane]),
@@ -137,8 +142,13 @@ class ChainRunner:
         return out, lanes
 
     def _pack(self, lanes, windows):
-        """Returns (FaceFrame [C, T], carry [C]) of the lanes, padded to a bucket."""
-        c, big_t, size = faces.lane_count(len(lanes)), self.schedule.chunk, self.size
+        """Returns (FaceFrame [C, T], carry [C]) of the lanes, padded to a bucket.
+
+        The bucket is rounded up to a multiple of the lane mesh's devices (padded lanes have
+        no face, so they pass through untouched).
+        """
+        c = sharding.round_up(faces.lane_count(len(lanes)), sharding.lane_multiple(self.mesh))
+        big_t, size = self.schedule.chunk, self.size
         patches = np.zeros((c, big_t, size, size, 3), np.uint8)
         m_chip = np.tile(np.eye(2, 3, dtype=np.float32), (c, big_t, 1, 1))
         lms = np.zeros((c, big_t, 5, 2), np.float32)
@@ -160,7 +170,8 @@ class ChainRunner:
     def _executable(self, frames, carry, target):
         """Returns the compiled chunk function for these shapes (compiled once per process)."""
         shapes = jax.tree.map(lambda a: (a.shape, str(a.dtype)), (frames, carry, target))
-        key = (id(self.fn), str(shapes))
+        # The lane mesh is part of the key: an executable is compiled for its input shardings.
+        key = (id(self.fn), str(shapes), sharding.lane_multiple(self.mesh))
         exe = _EXECUTABLES.get(key)
         if exe is None:
             t = time.perf_counter()

@@ -20,8 +20,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from faceveil.engine import sharding
 from faceveil.engine.methods import base, cloak
 from faceveil.engine.pipeline import faces, image_io, progress, recognise
 from faceveil.models import registry
@@ -145,10 +147,15 @@ def protect_photos(images: list[np.ndarray], method: base.Method, params, *, key
         faces, or faces a veil's sidecar recorded).
       lanes: faces per compiled call (default `solve_lanes`: one per call on a CPU, where
         lanes of an iterative method run in lock step; a method without iterations takes all).
+        With several local devices a call takes at least one face per device (the lanes are
+        sharded over them); each face keeps the PRNG key it has with `lanes` per call on one
+        device, so the results do not depend on the device count.
       measure: measure each face's protection again through `recognise` (and its LPIPS).
     """
     t_start = time.perf_counter()
     rec = method.recogniser
+    mesh = sharding.lane_mesh()
+    params = sharding.replicate(params, mesh)  # once: every call below reuses the copies
     names = names or [f"photo {i + 1}" for i in range(len(images))]
     if found is None:
         found = []
@@ -186,19 +193,24 @@ def protect_photos(images: list[np.ndarray], method: base.Method, params, *, key
             target, tn = targets(images, idx[group], lms[group])
             for j, name in zip(group, tn):
                 target_names[j] = name
-        per_call = lanes or solve_lanes(len(group))
+        key_lanes = lanes or solve_lanes(len(group))
+        keys = face_keys(jax.random.fold_in(key, size), len(group), key_lanes)
+        # Several devices: at least one face per device and call (a multiple of their count).
+        multiple = sharding.lane_multiple(mesh)
+        per_call = sharding.round_up(key_lanes, multiple)
         progress.say(f"{method.name}: batch {g + 1}/{len(sizes)}: {len(group)} face(s) at "
                      f"{size} px ({per_call} per call)", enabled=show_progress)
         t = time.perf_counter()
         offsets = np.stack([plans[j].offsets[0] for j in group])
         plms = np.stack([plans[j].landmarks[0] for j in group])
         parts = []
-        for c, lo in enumerate(range(0, len(group), per_call)):
+        for lo in range(0, len(group), per_call):
             sl = slice(lo, lo + per_call)
+            # `solve_faces` pads b to a multiple of the devices with absent faces.
             b = faces.batch_bucket(len(group[sl]), faces.SOLVE_BUCKETS)
             part = base.solve_faces(
                 method, params, faces.pad_batch(patches[sl], b), faces.pad_batch(m_chip[sl], b),
-                jax.random.fold_in(jax.random.fold_in(key, size), c),
+                keys=_pad_keys(keys[sl], b),
                 target=None if target is None else faces.pad_batch(target[sl], b),
                 offsets=faces.pad_batch(offsets[sl], b), landmarks=faces.pad_batch(plms[sl], b))
             k = len(group[sl])
@@ -249,6 +261,28 @@ def protect_photos(images: list[np.ndarray], method: base.Method, params, *, key
                        thresholds={r.name: float(r.threshold) for r in recs},
                        detect_seconds=t_detect,
                        solve_seconds=t_solve, wall_seconds=time.perf_counter() - t_start)
+
+
+def face_keys(key: jax.Array, n: int, lanes: int) -> jax.Array:
+    """Returns [n] PRNG keys, one per face, as calls of `lanes` faces each split them.
+
+    Call c's faces take the first of `jax.random.split(fold_in(key, c), b)`, b their padded
+    batch: each face's key depends only on its place and `lanes`, not on how many faces a
+    compiled call really runs (more with several devices).
+    """
+    parts = []
+    for c, lo in enumerate(range(0, n, lanes)):
+        k = min(lanes, n - lo)
+        b = faces.batch_bucket(k, faces.SOLVE_BUCKETS)
+        parts.append(jax.random.split(jax.random.fold_in(key, c), b)[:k])
+    return jnp.concatenate(parts) if parts else jax.random.split(key, 0)
+
+
+def _pad_keys(keys: jax.Array, n: int) -> jax.Array:
+    """Returns keys [n] with the rows past their length repeating the first (`pad_batch` for
+    PRNG keys, which numpy cannot hold when they are typed)."""
+    extra = n - keys.shape[0]
+    return jnp.concatenate([keys, jnp.repeat(keys[:1], extra, 0)]) if extra > 0 else keys
 
 
 def solve_lanes(n: int) -> int:
