@@ -37,6 +37,13 @@
                          [--references DIR] [--frames N] [--model dlib,facenet]
                    (photo kinds: [--align original|detect])
 
+Several hosts (one process each; cloak, pmt, mask, veil apply|recover): add
+    --distributed [--coordinator_address HOST:PORT --num_processes N --process_id I]
+to every host's command (unset flags: $FACEVEIL_COORDINATOR_ADDRESS, $FACEVEIL_NUM_PROCESSES,
+$FACEVEIL_PROCESS_ID, else JAX's own detection; see engine/distributed.py): each process
+protects its own share of the inputs and writes only their outputs. On one host the lanes of
+every command run over all its devices ($FACEVEIL_DEVICES=N: the first N).
+
 Every command exits 0 on success, 1 on a user error (bad input, missing weights) with a
 one-line message on stderr that names the file and the reason, and leaves inputs untouched.
 `check` exits 2 when a protected photo still matches the reference photos (not protected).
@@ -149,6 +156,15 @@ flags.DEFINE_string("passphrase_env", "FACEVEIL_PASSPHRASE",
                     "veil/mask: environment variable holding the key's passphrase.")
 flags.DEFINE_string("passphrase_file", None, "veil/mask: file whose first line is the passphrase.")
 
+flags.DEFINE_bool("distributed", False, "cloak/pmt/mask/veil apply|recover: one process per "
+                  "host joins a cluster (jax.distributed) and protects its share of the inputs.")
+flags.DEFINE_string("coordinator_address", None, "--distributed: HOST:PORT of process 0 "
+                    "(default $FACEVEIL_COORDINATOR_ADDRESS, else JAX's detection).")
+flags.DEFINE_integer("num_processes", None, "--distributed: how many processes (hosts) take "
+                     "part (default $FACEVEIL_NUM_PROCESSES, else JAX's detection).")
+flags.DEFINE_integer("process_id", None, "--distributed: this process's index, 0.. "
+                     "num_processes - 1 (default $FACEVEIL_PROCESS_ID, else JAX's detection).")
+
 COMMANDS = ("fetch-weights", "detect", "compare", "cloak", "cloak-video", "veil", "mask", "pmt",
             "demo", "check", "attack")
 
@@ -194,6 +210,9 @@ def _cmd_cloak(args):
         raise UserError("cloak needs --out DIR for the cloaked images")
     if not args:
         raise UserError("cloak needs at least one image: faceveil cloak IMAGES... --out DIR")
+    args = _share("cloak", args, list)
+    if not args:
+        return
     cloak_cli.run_images(args, FLAGS.out, model=FLAGS.model, mode=FLAGS.mode,
                          target_pool=FLAGS["target-pool"].value, overwrite=FLAGS.overwrite,
                          field=FLAGS.field, budget=FLAGS.budget)
@@ -249,6 +268,11 @@ def _cmd_veil(args):
     if not rest:
         raise UserError(f"veil {action} needs photos or videos: faceveil veil {action} "
                         "INPUTS... --key KEY --out DIR")
+    from faceveil.engine.pipeline import veil_files
+
+    rest = _share(f"veil {action}", rest, veil_files.input_files)
+    if not rest:
+        return
     model = FLAGS.model if FLAGS["model"].present else None
     getattr(veil_cli, action)(rest, FLAGS.out, key=FLAGS.key, model=model,
                               overwrite=FLAGS.overwrite, **secret)
@@ -282,6 +306,11 @@ def _cmd_mask(args):
     if not rest:
         raise UserError(f"mask {action} needs photos: faceveil mask {action} IMAGES... "
                         "--out DIR --keys DIR")
+    from faceveil.engine.pipeline import recognise
+
+    rest = _share(f"mask {action}", rest, recognise.photo_files)
+    if not rest:
+        return
     secret = {"passphrase_env": FLAGS.passphrase_env, "passphrase_file": FLAGS.passphrase_file,
               "overwrite": FLAGS.overwrite}
     if action == "restore":
@@ -339,6 +368,9 @@ def _cmd_pmt(args):
                        config.pool)
     except ValueError as e:
         raise UserError(f"--layers/--iters/--kernel-size/--pool: {e}") from None
+    args = _share("pmt", args, recognise.photo_files)
+    if not args:
+        return
     pmt_cli.run(args, FLAGS.out, authorised=FLAGS.authorised, config=config,
                 upload=FLAGS.upload, overwrite=FLAGS.overwrite)
 
@@ -431,6 +463,53 @@ def _cmd_attack(args):
     attack_cli.run(kind, opts)
 
 
+# Commands whose inputs --distributed splits between the processes (the others have one
+# output, or read all inputs at once, and run on one host).
+SPLIT_COMMANDS = ("cloak", "pmt", "mask protect", "mask restore", "veil apply", "veil recover")
+
+
+def _split_name(command: str, args) -> str:
+    """Returns the command as SPLIT_COMMANDS names it ('veil apply', 'pmt', ...)."""
+    return f"{command} {args[0]}" if command in ("veil", "mask") and args else command
+
+
+def _join_cluster(command: str, args) -> None:
+    """Joins the cluster of --distributed (before anything uses JAX); UserError if it cannot."""
+    from faceveil.engine import distributed
+
+    name = _split_name(command, args)
+    if command in ("veil", "mask") and name not in SPLIT_COMMANDS + ("veil make", "mask train"):
+        return  # no such action: the command's handler says what it needs
+    if name not in SPLIT_COMMANDS:
+        raise UserError(f"--distributed: {name} runs on one host; the inputs of "
+                        f"{', '.join(SPLIT_COMMANDS)} can be split between hosts")
+    try:
+        distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
+                               FLAGS.process_id)
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise UserError(f"--distributed: cannot join the cluster: {e}") from None
+
+
+def _share(name: str, args: list[str], expand) -> list[str]:
+    """Returns the inputs this process protects: all, or with --distributed its share.
+
+    `expand` lists the input files of the arguments (folders expanded) as the command does,
+    so every process splits the same list (`distributed.share`).
+    """
+    if not FLAGS.distributed:
+        return args
+    import jax
+
+    from faceveil.engine import distributed
+
+    files = [str(f) for f in expand(args)]
+    mine = distributed.share(files)
+    pid, n = jax.process_index(), jax.process_count()
+    print(f"faceveil {name}: process {pid} of {n}: {len(mine)} of {len(files)} input file(s)"
+          f"{': ' + ', '.join(mine) if mine else ''}", file=sys.stderr)
+    return mine
+
+
 _HANDLERS = {
     "fetch-weights": _cmd_fetch_weights,
     "detect": _cmd_detect,
@@ -466,6 +545,8 @@ def _main(argv):
     from faceveil.models.store import StoreError
 
     try:
+        if FLAGS.distributed:
+            _join_cluster(command, args)
         # A handler may return an exit status (check: EXIT_NOT_PROTECTED); None means 0.
         # absl's app.run passes what _main returns to sys.exit.
         return _HANDLERS[command](args)

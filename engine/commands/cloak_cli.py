@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from faceveil.engine import distributed
 from faceveil.engine.commands import report
 from faceveil.engine.methods import cloak
 from faceveil.engine.pipeline import image_io, photos, video, video_io
@@ -132,7 +133,9 @@ def run_images(paths: list[str], out_dir: str, *, model: str, mode: str,
         if n == 0:
             msg += " (no face found: copied unchanged)"
         print(msg, file=sys.stderr)
-    image_io.write_json(out / "report.json", rep)
+    # On a cluster every process reports its own share (`distributed.own_path`).
+    report_path = distributed.own_path(out / "report.json")
+    image_io.write_json(report_path, rep)
     if rep.get("faces"):
         seen = "; ".join(f"{name} {r['mean_protection']:.3f}, "
                          f"{r['fraction_beyond_threshold']:.0%} beyond {r['threshold']}"
@@ -140,7 +143,7 @@ def run_images(paths: list[str], out_dir: str, *, model: str, mode: str,
         print(f"{rep['faces']} faces: mean protection {rep['mean_protection']:.3f} "
               f"(on the written photos: {seen}), face SSIM {rep['mean_ssim']:.4f}, "
               f"face LPIPS {rep.get('mean_lpips', float('nan')):.4f}, "
-              f"{rep['wall_seconds']:.0f} s, report -> {out / 'report.json'}", file=sys.stderr)
+              f"{rep['wall_seconds']:.0f} s, report -> {report_path}", file=sys.stderr)
     return rep
 
 
