@@ -7,8 +7,9 @@ several recognisers superpose linearly (one basis, a tau per recogniser).
 
 `KeyGenerator`: DCGAN-like (strided convolutions down, transposed convolutions up, batch norm,
 no pooling, no dense layer): conditioning maps [N, G, G, C] (the template, the pixel
-statistics near the landmarks or noise, the number of key bits) -> bit logits
-[N, G, G, 3, MAX_BITS]. Fully convolutional, so G is any multiple of 8.
+statistics near the landmarks or noise, the number of key bits) -> a signed change
+[N, G, G, 3] in [-1, 1], in units of the key's range 2^b - 1 (`methods.mask_model` turns it
+into each pixel's b-bit key). Fully convolutional, so G is any multiple of 8.
 
 Both are plain flax.linen modules; their parameters are pytrees trained by
 `faceveil.engine.pipeline.mask_training`.
@@ -54,7 +55,7 @@ def templates(basis: jax.Array, tau: jax.Array) -> jax.Array:
 
 
 class KeyGenerator(nn.Module):
-    """Conditioning maps [N, G, G, C] -> key bit logits [N, G, G, 3, MAX_BITS]."""
+    """Conditioning maps [N, G, G, C] -> signed change [N, G, G, 3] in [-1, 1]."""
 
     width: int = 32
 
@@ -72,5 +73,4 @@ class KeyGenerator(nn.Module):
             h = nn.ConvTranspose(c, (4, 4), strides=(2, 2), padding="SAME", use_bias=False,
                                  name=f"up{i}")(h)
             h = nn.relu(norm(h, f"bn_up{i}"))
-        out = nn.Conv(3 * MAX_BITS, (3, 3), padding="SAME", name="logits")(h)
-        return out.reshape(out.shape[:-1] + (3, MAX_BITS))
+        return jnp.tanh(nn.Conv(3, (3, 3), padding="SAME", name="change")(h))

@@ -12,13 +12,20 @@ Per face, with x the clean uint8 face patch (real photo pixels) and its 5 landma
             allowed region, carried to the patch's pixels (`mask.cells_to_patch`).
   key       `models.mask_nets.KeyGenerator` on the conditioning maps (`conditioning`: the
             template, the pixel statistics near the landmarks or Gaussian noise, b / 4, and a
-            noise channel) gives bit logits on the frame grid; sampled (bilinear) at every
-            patch pixel's frame position, thresholded at 0, planes above b and pixels outside
-            the template zeroed: a uint8 key < 2^b on the patch's own pixels.
-  protect   x XOR key, so the restore is exact whatever the key (as the per-image mode).
+            noise channel) gives a signed change c in [-1, 1] on the frame grid, sampled
+            (bilinear) at every patch pixel's frame position. Each pixel level L = H + l (H its
+            high-order bits, l < 2^b its b low ones) becomes y = H + clip(round(l + c (2^b - 1)),
+            0, 2^b - 1), inside the template (elsewhere y = L): the change stays within the
+            pixel's own block of 2^b levels, so the key k = L XOR y has b bits.
+  protect   x XOR k = y, so the restore is exact whatever the key (as the per-image mode).
 
-One forward pass per face: no optimisation at protect time. `key_bits` is differentiable (a
-straight-through estimator through the threshold) for `pipeline.mask_training`.
+Why a signed change and not bits: XOR with a key bit adds or takes away 2^j depending on the
+pixel's own bit j, which the generator cannot see on a frame grid resampled from the patch; a
+bit-valued generator could only draw noise of random sign. Mapping its change through each
+pixel's low bits lets it push every pixel the way the recogniser's gradient asks.
+
+One forward pass per face: no optimisation at protect time. `protected_levels` is
+differentiable (straight-through through the rounding) for `pipeline.mask_training`.
 """
 
 from __future__ import annotations
@@ -31,7 +38,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from faceveil import losses
 from faceveil.engine.methods import base, mask
 from faceveil.engine.pipeline import align
 from faceveil.models import dlib_resnet, mask_nets, registry
@@ -136,16 +142,13 @@ def conditioning(cfg: MaskModelConfig, view: jax.Array, tmpl_cells: jax.Array, b
     return jnp.concatenate(parts, axis=-1)
 
 
-def carry_logits(logits: jax.Array, m_frame: jax.Array, patch_size: int) -> jax.Array:
-    """Returns the frame-grid logits [G, G, 3, B] sampled at every patch pixel: [P, P, 3, B].
+def carry_to_patch(values: jax.Array, m_frame: jax.Array, patch_size: int) -> jax.Array:
+    """Returns frame-grid values [G, G, C] sampled (bilinear) at every patch pixel: [P, P, C].
 
-    Patch pixels outside the frame get -1 (a 0 bit).
+    Patch pixels outside the frame get 0 (no change).
     """
-    g = logits.shape[0]
-    xs, ys, _ = align.footprint(align.invert(m_frame), patch_size, g)
-    flat = logits.reshape(g, g, -1)
-    out = align.sample_bilinear(flat, xs, ys, fill=-1.0)
-    return out.reshape((patch_size, patch_size) + logits.shape[2:])
+    xs, ys, _ = align.footprint(align.invert(m_frame), patch_size, values.shape[0])
+    return align.sample_bilinear(values, xs, ys, fill=0.0)
 
 
 class Prepared(NamedTuple):
@@ -168,39 +171,44 @@ def prepare(model_params, cfg: MaskModelConfig, x: jax.Array, landmarks: jax.Arr
     return Prepared(conditioning(cfg, view, cells, bits, key), m_frame, allowed)
 
 
-def finish(logits: jax.Array, face: Prepared, bits) -> jax.Array:
-    """Returns the key bits [P, P, 3, MAX_BITS] in {0, 1} (straight-through) of the frame-grid
-    logits [G, G, 3, MAX_BITS]: carried to the patch, planes from b up and pixels outside the
-    template zero."""
-    p = face.allowed.shape[0]
-    logits = carry_logits(logits, face.m_frame, p)
-    planes = (jnp.arange(mask_nets.MAX_BITS) < bits).astype(jnp.float32)
-    return (losses.straight_through_bits(logits) * planes
-            * face.allowed[:, :, None, None].astype(jnp.float32))
+def protected_levels(change: jax.Array, face: Prepared, x: jax.Array, bits) -> jax.Array:
+    """Returns the protected patch y [P, P, 3] as float uint8 levels / 255 (module docstring).
+
+    Args:
+      change: the generator's output on the frame grid [G, G, 3], in [-1, 1].
+      face: the Prepared face (frame transform, template on the patch).
+      x: the clean patch [P, P, 3], float uint8 levels / 255.
+      bits: b (an int or a traced scalar).
+    The rounding passes gradients straight through, so y is differentiable in `change`.
+    """
+    c = carry_to_patch(change, face.m_frame, x.shape[0])
+    levels = jnp.round(x * 255.0)
+    span = 2.0 ** jnp.asarray(bits, jnp.float32)
+    low = jnp.mod(levels, span)
+    want = jnp.clip(low + c * (span - 1.0), 0.0, span - 1.0)
+    new_low = want + jax.lax.stop_gradient(jnp.round(want) - want)
+    y = jnp.where(face.allowed[:, :, None], levels - low + new_low, levels)
+    return y / 255.0
 
 
-def key_bits(model_params, cfg: MaskModelConfig, x: jax.Array, landmarks: jax.Array, bits,
-             rows: tuple[int, ...], key) -> tuple[jax.Array, jax.Array]:
-    """Returns (bits [P, P, 3, MAX_BITS], template [P, P] bool) of one face (inference).
+def protect_patch(model_params, cfg: MaskModelConfig, patch: jax.Array, landmarks: jax.Array,
+                  bits, rows: tuple[int, ...], key) -> tuple[jax.Array, jax.Array]:
+    """Returns (key uint8 [P, P, 3] < 2^b, template [P, P] bool) of one uint8 face patch.
 
     Args:
       model_params: {"template", "tau", "generator"} of a trained model.
       cfg: its MaskModelConfig.
-      x: the face patch [P, P, 3], float in [0, 1] (uint8 levels).
+      patch: the clean uint8 face patch [P, P, 3].
       landmarks: [5, 2] in patch pixels.
-      bits: b: planes from b up are zero.
+      bits: b.
       rows: the recognisers protected against (rows of tau).
       key: PRNG key of the noise channel.
     """
+    x = patch.astype(jnp.float32) / 255.0
     face = prepare(model_params, cfg, x, landmarks, bits, rows, key)
-    logits = generator_net(cfg).apply(model_params["generator"], face.z[None], train=False)
-    return finish(logits[0], face, bits), face.allowed
-
-
-def to_key(bits: jax.Array) -> jax.Array:
-    """Returns the uint8 key [P, P, 3] of bit planes [P, P, 3, B]."""
-    powers = 2 ** jnp.arange(bits.shape[-1], dtype=jnp.int32)
-    return jnp.sum(jnp.round(bits).astype(jnp.int32) * powers, axis=-1).astype(jnp.uint8)
+    change = generator_net(cfg).apply(model_params["generator"], face.z[None], train=False)[0]
+    y = jnp.round(protected_levels(change, face, x, bits) * 255.0).astype(jnp.uint8)
+    return patch ^ y, face.allowed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,10 +240,9 @@ class GeneratorMaskMethod(base.PerFaceMethod):
         del target
         key, k_face = jax.random.split(state)
         cfg = self.config
-        x = face.patch.astype(jnp.float32) / 255.0
-        hard, allowed = key_bits(params["model"], cfg.model, x, face.landmarks, cfg.bits,
-                                    cfg.rows, k_face)
-        k = jnp.where(face.present, to_key(hard), jnp.zeros_like(face.patch))
+        k, allowed = protect_patch(params["model"], cfg.model, face.patch, face.landmarks,
+                                   cfg.bits, cfg.rows, k_face)
+        k = jnp.where(face.present, k, jnp.zeros_like(k))
         out = face.patch ^ k
         n = len(registry.members(self.recogniser))
         metrics = mask.evaluate(self.recogniser, params["recognisers"], face.patch, out,

@@ -56,7 +56,7 @@ def test_networks_are_fully_convolutional_with_the_documented_shapes():
     for g in (64, 128):
         z = jnp.zeros((1, g, g, cfg.channels))
         assert mask_model.generator_net(cfg).apply(params["generator"], z).shape == (
-            1, g, g, 3, mask_nets.MAX_BITS)
+            1, g, g, 3)
 
 
 def test_templates_superpose_linearly_through_tau():
@@ -88,14 +88,36 @@ def test_template_network_learns_its_sensitivity_targets(train_faces):
     assert np.mean(errs[-5:]) < 0.5 * np.mean(errs[:5]), errs
 
 
-def test_carried_logits_land_where_the_frame_says():
+def test_carried_changes_land_where_the_frame_says():
     # A frame that is the patch shifted by (10, 4) and scaled by 2: patch pixel (u, v) reads
     # frame position ((u - 10) / 2, (v - 4) / 2).
-    logits = jnp.arange(8 * 8, dtype=jnp.float32).reshape(8, 8, 1, 1)
+    values = jnp.arange(8 * 8, dtype=jnp.float32).reshape(8, 8, 1)
     m_frame = jnp.asarray([[2.0, 0.0, 10.0], [0.0, 2.0, 4.0]])
-    out = mask_model.carry_logits(logits, m_frame, 32)
-    assert float(out[4 + 2 * 3, 10 + 2 * 5, 0, 0]) == 3 * 8 + 5
-    assert float(out[0, 0, 0, 0]) == -1.0  # outside the frame: a 0 bit
+    out = mask_model.carry_to_patch(values, m_frame, 32)
+    assert float(out[4 + 2 * 3, 10 + 2 * 5, 0]) == 3 * 8 + 5
+    assert float(out[0, 0, 0]) == 0.0  # outside the frame: no change
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+def test_a_signed_change_stays_in_each_pixels_block_of_2_to_the_b_levels(bits):
+    rng = np.random.default_rng(bits)
+    levels = rng.integers(0, 256, (16, 16, 3))
+    x = jnp.asarray(levels / 255.0, jnp.float32)
+    change = jnp.asarray(rng.uniform(-1, 1, (16, 16, 3)), jnp.float32)
+    allowed = np.zeros((16, 16), bool)
+    allowed[4:12] = True
+    face = mask_model.Prepared(z=None, m_frame=jnp.asarray([[1.0, 0, 0], [0, 1.0, 0]]),
+                               allowed=jnp.asarray(allowed))
+    y = np.round(np.asarray(mask_model.protected_levels(change, face, x, bits)) * 255).astype(int)
+    key = levels ^ y
+    assert key.max() < 1 << bits and np.all(key[~allowed] == 0)
+    assert np.all(y >> bits == levels >> bits)  # the high-order bits are kept
+    # Within the block, the pixel moves the way the change says (as far as the block allows).
+    span = (1 << bits) - 1
+    want = np.clip(levels % (1 << bits) + np.asarray(change) * span, 0, span)
+    np.testing.assert_array_equal(y[allowed] % (1 << bits), np.round(want)[allowed])
+    g = jax.grad(lambda c: jnp.sum(mask_model.protected_levels(c, face, x, bits)))(change)
+    assert np.all(np.asarray(g)[~allowed] == 0) and np.any(np.asarray(g)[allowed] > 0)
 
 
 @pytest.fixture(scope="module")
