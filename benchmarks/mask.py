@@ -116,6 +116,8 @@ def _define_flags() -> None:
     flags.DEFINE_integer("gen_steps", None, "Generator training steps (default: "
                          "MaskTrainConfig's).")
     flags.DEFINE_integer("grid_rows", 4, "Probes in the PNG grid.")
+    flags.DEFINE_bool("resume", False, "Keep the settings an interrupted run wrote to --json "
+                      "(same probes and steps) and run only the others.")
     flags.DEFINE_integer("seed", 0, "Seed of the sensitivity probes and the keys' start.")
     flags.DEFINE_float("budget_s", None, "Start no setting that would end past this many seconds "
                        "of the run (predicted from the last setting against the same "
@@ -416,13 +418,14 @@ def train_model(data: Path, against, models_dir: Path, gen_steps: int | None, im
 
 
 def run(data: Path, *, max_photos=None, iters=None, bits=(1, 2, 3, 4), against=AGAINST,
-        seed=0, grid_rows=4, budget_s=None, on_setting=None, modes=MODES,
+        seed=0, grid_rows=4, budget_s=None, on_setting=None, modes=MODES, resume=None,
         models_dir: Path = Path("out/mask_models"), gen_steps=None) -> tuple[dict, dict]:
     """Returns (report, {"key": best setting, "crops": its grid crops}).
 
     Settings run from the largest b down (the ones that protect first), each recogniser set in
     turn; with `budget_s`, a setting predicted to end past it is skipped (listed in `skipped`).
     `on_setting(report, grid)` is called after every setting with the report so far (partial).
+    `resume`: a partial report of the same probes and steps; its settings are kept, not rerun.
     """
     t0 = time.perf_counter()
     probes = probe_photos(data, max_photos)
@@ -464,11 +467,18 @@ def run(data: Path, *, max_photos=None, iters=None, bits=(1, 2, 3, 4), against=A
         model, head["generator_training"] = train_model(data, against, models_dir, gen_steps,
                                                                images, found)
     settings, grids, skipped, took = [], {}, [], {}
+    done = {}
+    if resume and resume.get("probes") == head["probes"] and resume.get("iters") == head["iters"]:
+        done = {(r["mode"], r["against"], r["bits"]): r for r in resume.get("settings", [])}
+        _log(f"resuming: {len(done)} setting(s) of the earlier run kept")
     # The generator first (seconds per setting), then the per-image mode from the largest b.
     order = [(m, a, b) for m in sorted(modes, key=lambda m: m != "generator")
              for b in sorted(bits, reverse=True) for a in against]
     result = ({}, {})
     for mode, a, b in order:
+        if (mode, a, b) in done:
+            settings.append(done[(mode, a, b)])
+            continue
         elapsed = time.perf_counter() - t0
         guess = took.get((mode, a), max(took.values(), default=0.0))
         if budget_s is not None and elapsed + guess > budget_s:
@@ -490,6 +500,9 @@ def run(data: Path, *, max_photos=None, iters=None, bits=(1, 2, 3, 4), against=A
             f"{v['verification']['F_c']:.2f}" for m, v in rep["attackers"].items())
              + f", face SSIM {rep['face_ssim_mean']:.4f}, exact {rep['restore_bit_exact']}"
                f"/{rep['photos']} ({took[(mode, a)]:.0f} s)")
+        # Every setting compiles its own executables; a long run that keeps them all exhausts
+        # the process's memory maps (LLVM "Cannot allocate memory"), so they are dropped.
+        jax.clear_caches()
         result = _assemble(head, settings, skipped, grids, t0, in_progress=True)
         if on_setting is not None:
             on_setting(*result)
@@ -558,6 +571,14 @@ def write_outputs(rep: dict, grid: dict, json_path: str | None) -> None:
     image_io.write_json(json_path, rep)
 
 
+def _earlier(json_path: str | None) -> dict | None:
+    """Returns the report at json_path, if there is a readable one."""
+    try:
+        return json.loads(Path(json_path).read_text()) if json_path else None
+    except (OSError, ValueError):
+        return None
+
+
 def main(argv: list[str]) -> int:
     """Prints the JSON report; writes it and the PNG grid with --json."""
     del argv
@@ -581,7 +602,8 @@ def main(argv: list[str]) -> int:
     rep, grid = run(data, max_photos=FLAGS.max_photos, iters=FLAGS.iters, bits=bits,
                     against=against, seed=FLAGS.seed, grid_rows=FLAGS.grid_rows,
                     budget_s=FLAGS.budget_s, modes=modes, models_dir=Path(FLAGS.models),
-                    gen_steps=FLAGS.gen_steps, on_setting=lambda r, g: write_outputs(r, g, FLAGS.json))
+                    gen_steps=FLAGS.gen_steps, resume=_earlier(FLAGS.json) if FLAGS.resume
+                    else None, on_setting=lambda r, g: write_outputs(r, g, FLAGS.json))
     if not rep:
         print("mask benchmark: no setting ran (--budget_s too small?)", file=sys.stderr)
         return 1
