@@ -1,7 +1,7 @@
 """Every benchmark at one size, one table and one PNG for the README (issue 15 item 4).
 
     python -m benchmarks.suite --json out/suite.json [--data ../shared/data] [--only a,b]
-        [--merge other_backend.json] [--timeout_s 900]
+        [--merge other_backend.json] [--extend earlier.json] [--timeout_s 900]
 
 Each benchmark runs as its own process (`python -m benchmarks.<name> ... --json <tmp>`) at the
 size of its backend: on a CPU a size that keeps the whole suite near 20 minutes on 2 cores
@@ -103,6 +103,8 @@ def _define_flags() -> None:
                         "The shared data folder (faces/, multi/, video/).")
     flags.DEFINE_list("only", None, f"Run only these benchmarks ({', '.join(SUITE)}).")
     flags.DEFINE_string("merge", None, "A suite report of the other backend (its column).")
+    flags.DEFINE_string("extend", None, "A suite report of this backend whose runs of the "
+                        "benchmarks not run now are kept (e.g. --only one, then the rest).")
     flags.DEFINE_integer("timeout_s", 900, "Most seconds one benchmark may run.")
 
 
@@ -217,6 +219,11 @@ def main(argv: list[str]) -> int:
     data = Path(FLAGS.data)
     t0 = time.perf_counter()
     runs = {backend: [run_one(n, backend, data, FLAGS.timeout_s) for n in names]}
+    if FLAGS.extend:
+        earlier = json.loads(Path(FLAGS.extend).read_text()).get("runs", {}).get(backend, [])
+        runs[backend] += [r for r in earlier if r["benchmark"] not in names]
+        order = list(SUITE)
+        runs[backend].sort(key=lambda r: order.index(r["benchmark"]))
     if FLAGS.merge:
         other = json.loads(Path(FLAGS.merge).read_text())
         for b, rs in other.get("runs", {}).items():
