@@ -99,7 +99,7 @@ SUITE = {
 
 def _define_flags() -> None:
     flags.DEFINE_string("json", None, "Write the report here (the PNG beside it).")
-    flags.DEFINE_string("data", str(parity_dlib.DEFAULT_DATA.parent),
+    flags.DEFINE_string("data", str(parity_dlib.DEFAULT_DATA),
                         "The shared data folder (faces/, multi/, video/).")
     flags.DEFINE_list("only", None, f"Run only these benchmarks ({', '.join(SUITE)}).")
     flags.DEFINE_string("merge", None, "A suite report of the other backend (its column).")
