@@ -62,7 +62,7 @@ SUITE = {
         "gpu": ["--video", "{data}/" + VIDEO, "--references", "{data}/faces"],
         "figures": [("video: iterations saved by affine reuse", "affine.iterations_saved"),
                     ("video: wall time saved", "affine.wall_time_saved"),
-                    ("video: frames/s (affine)", "affine.frames_per_second")]},
+                    ("video: face-iterations/s (affine)", "affine.face_iterations_per_s")]},
     "photo_protection": {
         "cpu": ["--data", "{data}", "--max_photos", "3", "--two_model", "dlib"],
         "gpu": ["--data", "{data}"],
