@@ -343,7 +343,7 @@ def run(data: Path, *, iters=None, layers=2, max_faces=None, ablation_faces=8,
             pics_dlib = pics
     k = min(ablation_faces, len(ids))
     report["ablation"] = {}
-    for name in ABLATION:
+    for name in ABLATION if k else ():  # --ablation_faces 0: no ablation
         _log(f"ablation {name}: {k} faces")
         cfg = pmt.preset(name, **over)
         res = run_pmt(images[:k], lms[:k], "dlib", cfg)

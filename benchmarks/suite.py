@@ -78,7 +78,7 @@ SUITE = {
                     ("veil: seconds per identity", "summary.seconds_per_identity")]},
     "pmt": {
         "cpu": ["--data", "{data}", "--max_faces", "2", "--iters", "20", "--recon_iters", "20",
-                "--decoder_steps", "20", "--ablation_faces", "0"],
+                "--ablation_faces", "0", "--noblackbox"],
         "gpu": ["--data", "{data}"],
         "figures": [("PMT: authorised accuracy", "summary.authorised_accuracy"),
                     ("PMT: unauthorised accuracy", "summary.unauthorised_accuracy"),
