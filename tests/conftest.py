@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from pathlib import Path
 
@@ -34,3 +35,15 @@ def store_params(name: str):
     except store.StoreError:
         store.fetch([name])
         return store.load(name)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs():
+    """Drops every module's compiled programs when it ends.
+
+    One pytest process compiles several thousand XLA programs; kept all at once, their code
+    exhausted the CI machine's memory maps and LLVM crashed the process mid-run.
+    """
+    yield
+    jax.clear_caches()
+    gc.collect()

@@ -172,20 +172,38 @@ def _prefetch(iterable, depth: int = 2):
     """Yields the items of `iterable`, produced by a background thread `depth` items ahead."""
     q: queue.Queue = queue.Queue(maxsize=depth)
     sentinel = object()
+    # Set when the consumer stops early (an error, or a generator closed), so the producer
+    # does not block for ever on a full queue, holding the reader and its frames.
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def work():
         try:
             for item in iterable:
-                q.put(item)
+                if not put(item):
+                    return
         except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
-            q.put(e)
-        q.put(sentinel)
+            put(e)
+            return
+        put(sentinel)
 
-    threading.Thread(target=work, daemon=True).start()
-    while (item := q.get()) is not sentinel:
-        if isinstance(item, BaseException):
-            raise item
-        yield item
+    worker = threading.Thread(target=work, daemon=True)
+    worker.start()
+    try:
+        while (item := q.get()) is not sentinel:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
 
 
 class _Encoder:
