@@ -9,7 +9,7 @@ Modules: `perceptual` (SSIM, DSSIM, PSNR), `distances` (Minkowski, cosine, subsp
 distances), `regularisers` (block variance, total variation, budget hinge), `objectives`
 (cloak, veil, PMT, template ridge loss), `masks` (sensitivity maps, low-bit XOR, the mask-key
 objective), `transforms` (MI-FGSM, sign, TI smoothing as optax transforms), `metrics` (MSR,
-PMT accuracy, r_s, UP).
+PMT accuracy, r_s, UP), `filters` (separable filters as banded matrix products).
 """
 
 from faceveil.losses.distances import (
@@ -46,7 +46,7 @@ from faceveil.losses.objectives import (
     template_ridge_loss,
     veil_objective,
 )
-from faceveil.losses.perceptual import dssim, psnr, ssim
+from faceveil.losses.perceptual import SsimReference, dssim, psnr, ssim, ssim_reference
 from faceveil.losses.regularisers import (
     block_sums,
     block_variance,
@@ -60,6 +60,7 @@ __all__ = [
     "CLOAK_LAM",
     "CLOAK_RHO",
     "MiFgsmState",
+    "SsimReference",
     "aggregate_layers",
     "block_sums",
     "block_variance",
@@ -86,6 +87,7 @@ __all__ = [
     "smooth",
     "smoothing_kernel",
     "ssim",
+    "ssim_reference",
     "straight_through_bits",
     "subspace_distance",
     "subspace_projection",

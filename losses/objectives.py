@@ -18,7 +18,8 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from faceveil.losses.distances import hull_distance, minkowski, safe_norm, subspace_distance
-from faceveil.losses.perceptual import dssim
+from faceveil.losses.lazy import skip_zero_cotangent
+from faceveil.losses.perceptual import SsimReference, dssim, ssim_reference
 from faceveil.losses.regularisers import block_variance, block_variance_terms, budget_hinge
 
 __all__ = [
@@ -54,6 +55,7 @@ def cloak_objective(
     lam: float = CLOAK_LAM,
     rho: float = CLOAK_RHO,
     p: float = 2.0,
+    original_reference: SsimReference | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Returns (loss, aux) of the video cloak objective (Guo et al.) for one face.
 
@@ -81,6 +83,8 @@ def cloak_objective(
       lam: weight of the DSSIM budget hinge (default `CLOAK_LAM`).
       rho: DSSIM budget (default `CLOAK_RHO`, i.e. SSIM >= 0.98).
       p: Minkowski order of D.
+      original_reference: `ssim_reference(original)`, computed once by a caller that
+        evaluates many candidates against one original (None: computed here).
 
     Returns:
       loss: scalar.
@@ -106,7 +110,10 @@ def cloak_objective(
     else:
         target_dist = minkowski(feat_m, jax.lax.stop_gradient(jnp.asarray(target)), p=p)
         feature_term = target_dist
-    vis = dssim(original, protected)
+    # Under budget the hinge passes no gradient: DSSIM's backward pass is then skipped.
+    if original_reference is None:
+        original_reference = ssim_reference(original)
+    vis = skip_zero_cotangent(_dssim_with_reference)(original, protected, original_reference)
     budget = budget_hinge(vis, rho)
     loss = jnp.mean(feature_term + lambda1 * temporal) + lam * budget
     aux = {
@@ -118,6 +125,10 @@ def cloak_objective(
         "loss": loss,
     }
     return loss, aux
+
+
+def _dssim_with_reference(original, protected, reference):
+    return dssim(original, protected, reference=reference)
 
 
 def veil_objective(

@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from faceveil.models import dlib_format, registry, store
+from faceveil.models import convs, dlib_format, registry, store
 
 # Per-channel means of input_rgb_image_sized<150> in the file (float32 exactly as stored).
 MEAN_RGB = (122.782, 117.001, 104.298)
@@ -123,8 +123,11 @@ def _conv(features: int, kernel: int, stride: int, pad: int, precision, name: st
     # dlib pads k//2 at stride 1 and nothing at stride 2; 'SAME' would pad stride-2 convs
     # asymmetrically and changes the descriptor completely (notes: pitfalls).
     padding = ((pad, pad), (pad, pad)) if pad else "VALID"
+    # convs.conv_general_dilated: the same convolution with an input gradient that XLA's CPU
+    # backend runs through its fast convolution library (models/convs.py).
     return nn.Conv(features, (kernel, kernel), strides=stride, padding=padding,
-                   precision=precision, name=name)  # fmt: skip
+                   precision=precision, name=name,
+                   conv_general_dilated=convs.conv_general_dilated)  # fmt: skip
 
 
 def zero_pad_add(a: jax.Array, b: jax.Array) -> jax.Array:

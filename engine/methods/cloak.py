@@ -57,7 +57,6 @@ import functools
 import math
 from typing import NamedTuple
 
-import dm_pix
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -67,7 +66,7 @@ from jax.typing import ArrayLike
 
 from faceveil.engine.methods import base
 from faceveil.engine.pipeline import align
-from faceveil.losses import jpeg, objectives, regularisers
+from faceveil.losses import jpeg, objectives, perceptual, regularisers
 from faceveil.models import lpips, registry
 
 REUSE_MODES = ("none", "copy", "affine")
@@ -205,7 +204,7 @@ class FrameMetrics(NamedTuple):
     target_distance: jax.Array  # D to the target (targeted mode; else as the objective says)
     temporal: jax.Array  # D to the previous protected features
     dssim: jax.Array  # the objective's DSSIM of the rounded protected patch
-    ssim: jax.Array  # SSIM (dm_pix, 11x11 Gaussian) of the rounded protected patch
+    ssim: jax.Array  # SSIM (losses.ssim, 11x11 Gaussian) of the rounded protected patch
     lpips: jax.Array  # LPIPS of the primary chip (CloakConfig.budget 'lpips'; else NaN)
     loss: jax.Array  # objective at the final cloak
     loss_curve: jax.Array  # [..., max_iters] loss at evaluation i (before update i), NaN after
@@ -228,9 +227,12 @@ def features(recogniser, params, patch: jax.Array, m_chip: jax.Array, layer: str
     """
     s = recogniser.chip_size
     if antialias:
-        patch = align.antialias(patch, m_chip)
-    chip = align.warp(patch, m_chip, (s, s))
-    emb, inter = recogniser.apply(params, chip[None])
+        with jax.named_scope("antialias"):
+            patch = align.antialias(patch, m_chip)
+    with jax.named_scope("chip_warp"):
+        chip = align.warp(patch, m_chip, (s, s))
+    with jax.named_scope("recogniser"):
+        emb, inter = recogniser.apply(params, chip[None])
     feat = emb[0] if layer is None else inter[layer][0].reshape(-1)
     return emb[0], feat
 
@@ -333,9 +335,14 @@ def _solve_frame(recogniser, cfg: CloakConfig, params, orig, m_chip, delta0, fea
         # Once per recogniser at the scale of its detected alignment, not per view: the
         # views' scales differ from it by a few percent, and the low-pass is the costliest
         # pass over a large face's patch.
-        return align.antialias(x, m_all[r]) if cfg.antialias else x
+        if not cfg.antialias:
+            return x
+        with jax.named_scope("antialias"):
+            return align.antialias(x, m_all[r])
 
     orig_lp = [low_pass(r, orig) for r in range(len(recs))]
+    # The clean patch's half of SSIM, once per face instead of once per iteration.
+    orig_ssim = perceptual.ssim_reference(orig)
 
     def seen_by(r, x, m_views, quality=None, x_lp=None):
         """Returns (embeddings [V, E], features [V, D]) of patch x by recogniser r in views.
@@ -377,7 +384,7 @@ def _solve_frame(recogniser, cfg: CloakConfig, params, orig, m_chip, delta0, fea
                 q, orig, features_fn=features_fn, feat_original=feat_clean[r],
                 feat_previous=feat_prev[r], has_previous=has_prev,
                 target=target[r] if cfg.targeted else None, lambda1=cfg.lambda1,
-                lam=dssim_lam, rho=cfg.rho, p=cfg.p)
+                lam=dssim_lam, rho=cfg.rho, p=cfg.p, original_reference=orig_ssim)
             if len(seen) != 1:  # the objective's contract: F is evaluated once, on `protected`
                 raise RuntimeError(f"cloak_objective called features_fn {len(seen)} times")
             if r == 0 and cfg.budget == "lpips":
@@ -440,7 +447,8 @@ def _solve_frame(recogniser, cfg: CloakConfig, params, orig, m_chip, delta0, fea
         worst = jnp.argmin(auxes[0]["protect"])
         pick = functools.partial(jax.tree.map, lambda x: x[worst] if x.ndim else x)
         stop = passed | (st.it >= cfg.max_iters)
-        updates, new_opt = opt.update(grad, st.opt_state, st.delta)
+        with jax.named_scope("update"):
+            updates, new_opt = opt.update(grad, st.opt_state, st.delta)
         if to_delta is None:
             # Keep the protected patch in [0, 1] so the cloak never drifts where clip hides it.
             new_delta = jnp.clip(orig + st.delta + updates, 0.0, 1.0) - orig
@@ -517,7 +525,8 @@ def _frame_step(recogniser, cfg: CloakConfig, params, target, carry: ChainCarry,
         m_inv = align.invert(_member_transforms(recogniser, m_chip)[0])
 
         def to_delta(z):
-            return align.warp(z, m_inv, (size, size), fill=0.0)
+            with jax.named_scope("field"):
+                return align.warp_image(z, m_inv, (size, size), fill=0.0)
 
         delta0 = cfg.init_scale * jax.random.uniform(sub, carry.delta.shape, jnp.float32,
                                                      -1.0, 1.0)
@@ -547,7 +556,7 @@ def _frame_step(recogniser, cfg: CloakConfig, params, target, carry: ChainCarry,
         target_distance=masked(st.aux["target_dist"]),
         temporal=masked(st.aux["temporal"]),
         dssim=masked(st.aux["dssim"]),
-        ssim=masked(dm_pix.ssim(final, orig)),
+        ssim=masked(perceptual.ssim(final, orig)),
         lpips=masked(st.aux.get("lpips", jnp.nan)),
         loss=masked(st.loss),
         loss_curve=masked(st.curve),

@@ -174,18 +174,26 @@ def solve(recogniser, cfg: MaskConfig, params, patch: jax.Array, m_chip: jax.Arr
     recs, ps, m = _members(recogniser, params, m_chip)
     x = patch.astype(jnp.float32) / 255.0
     k_tmpl, k_init = jax.random.split(key)
-    tmpl = template(recogniser, params, x, m_chip, k_tmpl, cfg)
+    with jax.named_scope("template"):
+        tmpl = template(recogniser, params, x, m_chip, k_tmpl, cfg)
     allowed = tmpl[:, :, None, None].astype(jnp.float32)
 
     def feats_fn(rec, p, mr):
-        return lambda y: rec.embed(p, align.warp(y, mr, (rec.chip_size, rec.chip_size))[None])[0]
+        def feats(y):
+            with jax.named_scope("chip_warp"):
+                chip = align.warp(y, mr, (rec.chip_size, rec.chip_size))
+            with jax.named_scope("recogniser"):
+                return rec.embed(p, chip[None])[0]
+
+        return feats
 
     fns = [feats_fn(rec, p, m[r]) for r, (rec, p) in enumerate(zip(recs, ps))]
     clean = [f(x) for f in fns]
 
     def objective(logits):
-        bits = losses.straight_through_bits(logits) * allowed
-        y = losses.xor_low_bits(x, bits)
+        with jax.named_scope("xor"):
+            bits = losses.straight_through_bits(logits) * allowed
+            y = losses.xor_low_bits(x, bits)
         return losses.mask_objective(y, x, features_fns=fns, original_feats=clean,
                                      scales=[r.threshold for r in recs], rho=cfg.rho,
                                      lam=cfg.lam)
@@ -200,7 +208,8 @@ def solve(recogniser, cfg: MaskConfig, params, patch: jax.Array, m_chip: jax.Arr
         # The loss was evaluated on the hard key of st.logits (the forward pass is exact).
         better = loss < st.best_loss
         hard = (st.logits > 0).astype(jnp.float32) * allowed
-        upd, opt = tx.update(g, st.opt)
+        with jax.named_scope("update"):
+            upd, opt = tx.update(g, st.opt)
         return _Loop(optax.apply_updates(st.logits, upd), opt,
                      jnp.where(better, hard, st.best), jnp.where(better, loss, st.best_loss),
                      jnp.where(i == 0, aux["distances"], st.start))

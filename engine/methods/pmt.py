@@ -137,6 +137,7 @@ def _augment(cfg: PmtConfig, key, size: int):
     noise = cfg.noise_sigma * jax.random.normal(k_noise, (size, size, 3))
     m = cloak.jitter_transform(k_aff, size, cfg.affine_amount)
 
+    @jax.named_scope("augment")
     def t(x):
         if use_affine:
             x = align.warp(x, m, (size, size))
@@ -189,10 +190,11 @@ def _solve(recogniser, cfg: PmtConfig, params, patch, m_chip, key):
     def body(k, carry):
         x, _ = carry
         j, g = grad_fn(x, originals, jax.random.fold_in(k_loop, k))
-        if smoother is not None:
-            g, _ = smoother.update(g, smoother.init(g))
-        step = cfg.step * (1.0 - 0.9 * k / max(cfg.iters - 1, 1))
-        return jnp.clip(x - step * jnp.sign(g), 0.0, 1.0), j
+        with jax.named_scope("update"):
+            if smoother is not None:
+                g, _ = smoother.update(g, smoother.init(g))
+            step = cfg.step * (1.0 - 0.9 * k / max(cfg.iters - 1, 1))
+            return jnp.clip(x - step * jnp.sign(g), 0.0, 1.0), j
 
     x, j = jax.lax.fori_loop(0, cfg.iters, body, (x0, jnp.zeros((), jnp.float32)))
     dists = []

@@ -36,6 +36,7 @@ from jax.typing import ArrayLike
 from faceveil import losses
 from faceveil.engine.methods import base
 from faceveil.engine.pipeline import align
+from faceveil.losses import filters
 
 FEATURE_SETS = ("subspace", "hull", "own")
 
@@ -120,17 +121,16 @@ def blur(x: jax.Array, sigma: jax.Array) -> jax.Array:
     t = jnp.arange(-BLUR_RADIUS, BLUR_RADIUS + 1, dtype=jnp.float32)
     k = jnp.exp(-(t * t) / (2.0 * sigma * sigma + 1e-6))
     k = k / jnp.sum(k)
-    r, (h, w) = BLUR_RADIUS, x.shape[:2]
-    pad = jnp.pad(x, ((r, r), (r, r), (0, 0)), mode="edge")
-    rows = sum(k[i] * pad[:, i:i + w] for i in range(2 * r + 1))
-    return sum(k[i] * rows[i:i + h] for i in range(2 * r + 1))
+    return filters.separable_same(x, k, axes=(0, 1))
 
 
 def _objective(recogniser, cfg: VeilConfig, params, veil, chips, basis, weights, sigma):
     def features_fn(chip):
         if cfg.blur_views > 0:
-            chip = blur(chip, sigma)
-        return recogniser.apply(params, chip[None])[0][0]
+            with jax.named_scope("blur"):
+                chip = blur(chip, sigma)
+        with jax.named_scope("recogniser"):
+            return recogniser.apply(params, chip[None])[0][0]
 
     return losses.veil_objective(
         veil, chips, alpha=cfg.alpha, features_fn=features_fn, basis_feats=basis,
@@ -149,8 +149,9 @@ def _make_steps(recogniser, cfg: VeilConfig, steps: int, params, state: MakeStat
         grad, aux = jax.grad(
             lambda v: _objective(recogniser, cfg, params, v, chips, basis, weights, sigma),
             has_aux=True)(st.veil)
-        upd, opt = tx.update(grad, st.opt)
-        veil = jnp.clip(st.veil + upd, 0.0, 1.0)
+        with jax.named_scope("update"):
+            upd, opt = tx.update(grad, st.opt)
+            veil = jnp.clip(st.veil + upd, 0.0, 1.0)
         terms = StepLosses(loss=aux["loss"] / n, fea=jnp.sum(weights * aux["fea"]) / n,
                            vis=jnp.sum(weights * aux["vis"]) / n,
                            var=jnp.sum(weights * aux["var"]) / n)

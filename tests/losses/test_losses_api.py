@@ -18,6 +18,7 @@ import faceveil.losses as L
 # name -> number of leading positional data arguments (everything after is keyword-only).
 DATA_ARGS = {
     "ssim": 2,
+    "ssim_reference": 1,
     "dssim": 2,
     "psnr": 2,
     "minkowski": 2,

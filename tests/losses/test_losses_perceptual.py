@@ -134,3 +134,18 @@ def test_dssim_finite_with_finite_gradients_on_flat_images(value):
         val, grad = _dssim_value_and_grad(a, b)
         assert np.isfinite(val)
         assert np.all(np.isfinite(grad))
+
+
+def test_ssim_reference_reuse_is_exact_and_matches_dm_pix(photos):
+    import dm_pix
+
+    from faceveil.losses import ssim_reference
+
+    a = jnp.asarray(photos[:3], jnp.float32)
+    rng = np.random.default_rng(7)
+    b = jnp.clip(a + jnp.asarray(rng.normal(scale=0.05, size=a.shape), jnp.float32), 0, 1)
+    ref = ssim_reference(a)
+    np.testing.assert_array_equal(np.asarray(ssim(a, b, reference=ref)), np.asarray(ssim(a, b)))
+    np.testing.assert_allclose(np.asarray(ssim(a, b)), np.asarray(dm_pix.ssim(a, b)), atol=2e-6)
+    np.testing.assert_array_equal(np.asarray(dssim(a, b, reference=ref)),
+                                  np.asarray(dssim(a, b)))
