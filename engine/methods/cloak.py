@@ -310,7 +310,8 @@ def _member_transforms(recogniser, m_chip) -> jax.Array:
 
 
 def _solve_frame(recogniser, cfg: CloakConfig, params, orig, m_chip, delta0, feat_prev,
-                 has_prev, target, present, key, to_delta=None, jpeg_offset=(0, 0)):
+                 has_prev, target, present, key, to_delta=None, jpeg_offset=(0, 0),
+                 orig_ssim=None):
     """Returns the final _Loop state of one face's Adadelta run with early stop.
 
     The optimised variable is `delta0`'s shape: the patch cloak itself, or (`to_delta` given,
@@ -341,8 +342,8 @@ def _solve_frame(recogniser, cfg: CloakConfig, params, orig, m_chip, delta0, fea
             return align.antialias(x, m_all[r])
 
     orig_lp = [low_pass(r, orig) for r in range(len(recs))]
-    # The clean patch's half of SSIM, once per face instead of once per iteration.
-    orig_ssim = perceptual.ssim_reference(orig)
+    if orig_ssim is None:  # the clean patch's half of SSIM: once per face, not per iteration
+        orig_ssim = perceptual.ssim_reference(orig)
 
     def seen_by(r, x, m_views, quality=None, x_lp=None):
         """Returns (embeddings [V, E], features [V, D]) of patch x by recogniser r in views.
@@ -540,9 +541,11 @@ def _frame_step(recogniser, cfg: CloakConfig, params, target, carry: ChainCarry,
             delta0 = jnp.where(carry.has_previous, warm, delta0)
         delta0 = jnp.clip(orig + delta0, 0.0, 1.0) - orig
 
+    orig_ssim = perceptual.ssim_reference(orig)  # the budget's and the metric's
     st = _solve_frame(recogniser, cfg, params, orig, m_chip, delta0, carry.feat,
                       carry.has_previous, (target,), present, jax.random.fold_in(sub, 1),
-                      to_delta, jpeg_offset=jnp.round(offset).astype(jnp.int32))
+                      to_delta, jpeg_offset=jnp.round(offset).astype(jnp.int32),
+                      orig_ssim=orig_ssim)
     final = quantise(jnp.clip(orig + (st.delta if to_delta is None else to_delta(st.delta)),
                               0.0, 1.0))
     protected = jnp.where(present, jnp.round(final * 255.0), patch_u8).astype(jnp.uint8)
@@ -556,7 +559,7 @@ def _frame_step(recogniser, cfg: CloakConfig, params, target, carry: ChainCarry,
         target_distance=masked(st.aux["target_dist"]),
         temporal=masked(st.aux["temporal"]),
         dssim=masked(st.aux["dssim"]),
-        ssim=masked(perceptual.ssim(final, orig)),
+        ssim=masked(perceptual.ssim(orig, final, reference=orig_ssim)),
         lpips=masked(st.aux.get("lpips", jnp.nan)),
         loss=masked(st.loss),
         loss_curve=masked(st.curve),
