@@ -91,8 +91,8 @@ SUITE = {
                     ("mask: per-image F_c (1:N)", "summary.f_c_per_image"),
                     ("mask: protect s/photo", "summary.protect_seconds_per_photo_{backend}")]},
     "profile": {
-        "cpu": ["--engine", "cloak", "--batch", "2", "--iters", "4", "--repeats", "1",
-                "--host_photos", "2"],
+        "cpu": ["--engine", "cloak", "--batch", "2", "--iters", "40", "--repeats", "1",
+                "--host_photos", "3"],
         "gpu": ["--engine", "cloak", "--batch", "256", "--iters", "10"],
         "figures": [("profile: cloak ms per iteration (whole batch)", "ms_per_iteration"),
                     ("profile: costliest traced part", "trace.parts.0.part"),

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from faceveil.losses.distances import minkowski
-from faceveil.losses.perceptual import dssim
+from faceveil.losses.perceptual import SsimReference, budget_dssim
 from faceveil.losses.regularisers import budget_hinge
 
 __all__ = ["mask_objective", "sensitivity_map", "straight_through_bits", "xor_low_bits"]
@@ -111,6 +111,7 @@ def mask_objective(
     rho: float,
     lam: float,
     p: float = 2.0,
+    original_reference: SsimReference | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Returns (loss, aux) of a mask key for one face: feature distance against the budget.
 
@@ -129,6 +130,8 @@ def mask_objective(
       rho: DSSIM budget (0.025 is SSIM >= 0.95).
       lam: weight of the budget's excess.
       p: order of the Minkowski distance.
+      original_reference: `ssim_reference(original)`, computed once by a caller that scores
+        many keys of one face (None: computed here).
 
     Returns:
       loss: scalar.
@@ -136,7 +139,7 @@ def mask_objective(
     """
     dists = jnp.stack([minkowski(f(protected), jax.lax.stop_gradient(o), p=p)
                        for f, o in zip(features_fns, original_feats)])
-    d = dssim(protected, original)
+    d = budget_dssim(original, protected, original_reference)  # SSIM is symmetric
     scaled = dists / jnp.asarray(scales, dists.dtype)
     loss = -jnp.sum(scaled) + lam * budget_hinge(d, rho)
     return loss, {"distances": dists, "dssim": d, "loss": loss}

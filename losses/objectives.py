@@ -18,8 +18,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from faceveil.losses.distances import hull_distance, minkowski, safe_norm, subspace_distance
-from faceveil.losses.lazy import skip_zero_cotangent
-from faceveil.losses.perceptual import SsimReference, dssim, ssim_reference
+from faceveil.losses.perceptual import SsimReference, budget_dssim
 from faceveil.losses.regularisers import block_variance, block_variance_terms, budget_hinge
 
 __all__ = [
@@ -111,9 +110,7 @@ def cloak_objective(
         target_dist = minkowski(feat_m, jax.lax.stop_gradient(jnp.asarray(target)), p=p)
         feature_term = target_dist
     # Under budget the hinge passes no gradient: DSSIM's backward pass is then skipped.
-    if original_reference is None:
-        original_reference = ssim_reference(original)
-    vis = skip_zero_cotangent(_dssim_with_reference)(original, protected, original_reference)
+    vis = budget_dssim(original, protected, original_reference)
     budget = budget_hinge(vis, rho)
     loss = jnp.mean(feature_term + lambda1 * temporal) + lam * budget
     aux = {
@@ -125,10 +122,6 @@ def cloak_objective(
         "loss": loss,
     }
     return loss, aux
-
-
-def _dssim_with_reference(original, protected, reference):
-    return dssim(original, protected, reference=reference)
 
 
 def veil_objective(

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from faceveil.losses import filters
+from faceveil.losses.lazy import skip_zero_cotangent
 
 __all__ = ["SsimReference", "dssim", "psnr", "ssim", "ssim_reference"]
 
@@ -167,3 +168,21 @@ def psnr(a: ArrayLike, b: ArrayLike) -> jax.Array:
       b: images of the same shape.
     """
     return dm_pix.psnr(_as_float(a), _as_float(b))
+
+
+def _dssim_with_reference(original, protected, reference):
+    return dssim(original, protected, reference=reference)
+
+
+def budget_dssim(original: ArrayLike, protected: ArrayLike,
+                 reference: SsimReference | None = None) -> jax.Array:
+    """Returns dssim(original, protected) for a budget hinge: no backward pass under budget.
+
+    The hinge sends a zero gradient while the budget holds; the DSSIM backward pass (the
+    costliest pass over a large face's patch) is then skipped (`losses.lazy`). `reference`:
+    `ssim_reference(original)` computed once by a caller that scores many candidates.
+    """
+    if reference is None:
+        reference = ssim_reference(original)
+    return skip_zero_cotangent(_dssim_with_reference)(original, protected, reference)
+

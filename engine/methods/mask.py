@@ -189,6 +189,7 @@ def solve(recogniser, cfg: MaskConfig, params, patch: jax.Array, m_chip: jax.Arr
 
     fns = [feats_fn(rec, p, m[r]) for r, (rec, p) in enumerate(zip(recs, ps))]
     clean = [f(x) for f in fns]
+    x_ssim = losses.ssim_reference(x)  # the clean face's half of the budget, once
 
     def objective(logits):
         with jax.named_scope("xor"):
@@ -196,7 +197,7 @@ def solve(recogniser, cfg: MaskConfig, params, patch: jax.Array, m_chip: jax.Arr
             y = losses.xor_low_bits(x, bits)
         return losses.mask_objective(y, x, features_fns=fns, original_feats=clean,
                                      scales=[r.threshold for r in recs], rho=cfg.rho,
-                                     lam=cfg.lam)
+                                     lam=cfg.lam, original_reference=x_ssim)
 
     grad_fn = jax.value_and_grad(objective, has_aux=True)
     tx = optax.adam(cfg.lr)
