@@ -16,3 +16,15 @@ def _quiet_logging() -> None:
 
 
 _app.call_after_init(_quiet_logging)
+
+
+def emit(report: dict, json_path: str | None, *, indent: int = 1) -> None:
+    """Prints a benchmark's report as JSON and writes it to `json_path` too (None: only prints)."""
+    import json
+    from pathlib import Path
+
+    from faceveil.engine.pipeline import image_io
+
+    print(json.dumps(report, indent=indent))
+    if json_path:
+        image_io.write_json(Path(json_path), report)

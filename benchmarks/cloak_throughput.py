@@ -17,7 +17,6 @@ forward of the clean face (--jitter 0 to measure one detected view). Prints JSON
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time
@@ -28,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+import benchmarks
 from faceveil.engine.methods import base, cloak
 from faceveil.engine.pipeline import faces as face_pipeline
 from faceveil.engine.pipeline import image_io, recognise
@@ -125,9 +125,7 @@ def main(argv) -> None:
     o = flags.FLAGS
     report = measure(model=o.model, batch=o.batch, iters=o.iters, size=o.size,
                      repeats=o.repeats, jitter=o.jitter)
-    print(json.dumps(report, indent=1))
-    if o.json:
-        image_io.write_json(Path(o.json), report)
+    benchmarks.emit(report, o.json)
 
 
 if __name__ == "__main__":

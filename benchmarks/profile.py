@@ -19,7 +19,6 @@ split is an estimate; the whole call's figures are measured.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import re
@@ -27,6 +26,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +34,7 @@ import numpy as np
 import optax
 from absl import app, flags
 
+import benchmarks
 from benchmarks import cloak_throughput
 from faceveil import losses
 from faceveil.engine.methods import base, cloak, mask, pmt, veil
@@ -95,11 +96,27 @@ def _fb_part(name: str, per_iteration: float, f: Callable, x, *rest, note: str =
 # The engines: the whole call and its parts
 
 
-def _faces(rec, batch: int):
-    """Returns (uint8 patches [B, P, P, 3], m_chip [B, 2, 3]) of real faces, repeated to B."""
+class _Faces(NamedTuple):
+    patches: np.ndarray  # [B, P, P, 3] uint8
+    m_chip: np.ndarray  # [B, 2, 3] chip -> patch pixels
+    x: jax.Array  # the patches as float in [0, 1]
+    m: jax.Array  # m_chip on the device
+    chips: jax.Array  # [B, S, S, 3] each face's chip (the detected alignment)
+
+
+# Each face of a batch through its own transform: [B, H, W, C], [B, 2, 3] -> [B, S, S, C].
+_warp_each = jax.vmap(align.warp, (0, 0, None))
+
+
+def _faces(rec, batch: int) -> _Faces:
+    """Returns the _Faces of real faces (cloak_throughput's), repeated to `batch`."""
     patches, m_chip = cloak_throughput.face_patches(rec)
     take = np.arange(batch) % len(patches)
-    return patches[take], m_chip[take]
+    patches, m_chip = patches[take], m_chip[take]
+    x = jnp.asarray(patches, jnp.float32) / 255.0
+    m = jnp.asarray(m_chip)
+    s = rec.chip_size
+    return _Faces(patches, m_chip, x, m, _warp_each(x, m, (s, s)))
 
 
 def _chunk_call(method, params, patches, m_chip, seed: int = 0):
@@ -115,11 +132,10 @@ def cloak_engine(batch: int, iters: int) -> tuple:
     """Returns (whole call, its iterations, parts) of the photo cloak ('mid', dlib)."""
     rec, params = recognise.recogniser_params("dlib")
     cfg = dataclasses.replace(cloak.preset("mid", rec), threshold=math.inf, max_iters=iters)
-    patches, m_chip = _faces(rec, batch)
-    call = _chunk_call(cloak.CloakMethod(rec, cfg), params, patches, m_chip)
-    v, s, p = cfg.views, rec.chip_size, patches.shape[1]
-    x = jnp.asarray(patches, jnp.float32) / 255.0
-    m = jnp.asarray(m_chip)
+    f = _faces(rec, batch)
+    call = _chunk_call(cloak.CloakMethod(rec, cfg), params, f.patches, f.m_chip)
+    v, s, p = cfg.views, rec.chip_size, f.patches.shape[1]
+    x, m = f.x, f.m
     m_views = jnp.repeat(m, v, axis=0).reshape(batch, v, 2, 3)
     chips = jax.vmap(jax.vmap(align.warp, (None, 0, None)), (0, 0, None))(x, m_views, (s, s))
     chips = chips.reshape(batch * v, s, s, 3)
@@ -167,11 +183,9 @@ def pmt_engine(batch: int, iters: int) -> tuple:
     """Returns (whole call, its iterations, parts) of PMT (dlib, 'enhanced')."""
     rec, params = recognise.recogniser_params("dlib")
     cfg = dataclasses.replace(pmt.preset(), iters=iters)
-    patches, m_chip = _faces(rec, batch)
-    call = _chunk_call(pmt.PmtMethod(rec, cfg), params, patches, m_chip)
-    s = rec.chip_size
-    x = jnp.asarray(patches, jnp.float32) / 255.0
-    chips = jax.vmap(align.warp, (0, 0, None))(x, jnp.asarray(m_chip), (s, s))
+    f = _faces(rec, batch)
+    call = _chunk_call(pmt.PmtMethod(rec, cfg), params, f.patches, f.m_chip)
+    s, chips = rec.chip_size, f.chips
     m_aug = jnp.tile(jnp.asarray([[1.01, 0.01, 0.5], [-0.01, 1.01, 0.4]], jnp.float32),
                      (batch, 1, 1))
 
@@ -186,10 +200,10 @@ def pmt_engine(batch: int, iters: int) -> tuple:
         return jnp.clip(xb - cfg.step * jnp.sign(g), 0.0, 1.0)
 
     parts = [
-        _fb_part("augmentation warp, fwd+bwd", 1, lambda c, mb: jax.vmap(
-            align.warp, (0, 0, None))(c, mb, (s, s)), chips, m_aug),
-        Part("augmentation warp (clean), fwd", 1, lambda c, mb: jax.vmap(
-            align.warp, (0, 0, None))(c, mb, (s, s)), (chips, m_aug)),
+        _fb_part("augmentation warp, fwd+bwd", 1, lambda c, mb: _warp_each(c, mb, (s, s)),
+                 chips, m_aug),
+        Part("augmentation warp (clean), fwd", 1, lambda c, mb: _warp_each(c, mb, (s, s)),
+             (chips, m_aug)),
         _fb_part(f"shallow recogniser ({cfg.layers} layers) + pooling, fwd+bwd", 1, shallow,
                  chips),
         Part(f"shallow recogniser ({cfg.layers} layers) + pooling (clean), fwd", 1, shallow,
@@ -203,13 +217,10 @@ def mask_engine(batch: int, iters: int) -> tuple:
     """Returns (whole call, its iterations, parts) of the per-image mask key (dlib, b = 4)."""
     rec, params = recognise.recogniser_params("dlib")
     cfg = dataclasses.replace(mask.preset(), iters=iters)
-    patches, m_chip = _faces(rec, batch)
-    call = _chunk_call(mask.MaskMethod(rec, cfg), params, patches, m_chip)
-    s = rec.chip_size
-    x = jnp.asarray(patches, jnp.float32) / 255.0
-    m = jnp.asarray(m_chip)
+    f = _faces(rec, batch)
+    call = _chunk_call(mask.MaskMethod(rec, cfg), params, f.patches, f.m_chip)
+    s, x, m, chips = rec.chip_size, f.x, f.m, f.chips
     logits = jnp.zeros(x.shape + (cfg.bits,), jnp.float32)
-    chips = jax.vmap(align.warp, (0, 0, None))(x, m, (s, s))
     tx = optax.adam(cfg.lr)
 
     def keyed(lg, xb):
@@ -223,8 +234,8 @@ def mask_engine(batch: int, iters: int) -> tuple:
     parts = [
         _fb_part(f"XOR of the {cfg.bits} low bits (straight-through), fwd+bwd", 1, keyed,
                  logits, x),
-        _fb_part("chip warp patch->chip, fwd+bwd", 1, lambda xb, mb: jax.vmap(
-            align.warp, (0, 0, None))(xb, mb, (s, s)), x, m),
+        _fb_part("chip warp patch->chip, fwd+bwd", 1, lambda xb, mb: _warp_each(xb, mb, (s, s)),
+                 x, m),
         _fb_part("recogniser, fwd+bwd", 1, lambda c: rec.embed(params, c), chips),
         _fb_part("DSSIM budget, fwd+bwd", 1, losses.dssim, x, x),
         Part("Adam update", 1, update, (logits, tx.init(logits), logits)),
@@ -239,10 +250,7 @@ def veil_engine(batch: int, iters: int) -> tuple:
     """Returns (whole call, its steps, parts) of making one veil from `batch` chips (dlib)."""
     rec, params = recognise.recogniser_params("dlib")
     cfg = veil.preset()
-    patches, m_chip = _faces(rec, batch)
-    s = rec.chip_size
-    x = jnp.asarray(patches, jnp.float32) / 255.0
-    chips = jax.vmap(align.warp, (0, 0, None))(x, jnp.asarray(m_chip), (s, s))
+    s, chips = rec.chip_size, _faces(rec, batch).chips
     basis = rec.apply(params, chips)[0]
     weights = jnp.ones(batch, jnp.float32)
     state = veil.init_veil(jax.random.PRNGKey(0), s, cfg)
@@ -458,9 +466,7 @@ def main(argv) -> None:
     o = flags.FLAGS
     report = profile(o.engine, batch=o.batch, iters=o.iters, repeats=o.repeats,
                      host_photos=o.host_photos)
-    print(json.dumps(report, indent=1))
-    if o.json:
-        image_io.write_json(Path(o.json), report)
+    benchmarks.emit(report, o.json)
 
 
 if __name__ == "__main__":

@@ -14,16 +14,14 @@ values. Runs unchanged on CPU or GPU (the JSON names the device).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from faceveil.engine.pipeline import image_io
+import benchmarks
 from faceveil.models import registry
 
 
@@ -109,9 +107,7 @@ def main(argv: list[str]) -> None:
     opts = flags.FLAGS
     report = measure(opts.model, batch=opts.batch, iters=opts.iters,
                      precision=opts.precision)  # fmt: skip
-    print(json.dumps(report, indent=2))
-    if opts.json:
-        image_io.write_json(Path(opts.json), report)
+    benchmarks.emit(report, opts.json, indent=2)
 
 
 if __name__ == "__main__":
